@@ -1,0 +1,1 @@
+"""Weight converters: torchvision and Detectron2 checkpoints -> mrcnn_jax variables ({"params", "batch_stats"})."""

@@ -1,0 +1,34 @@
+"""The mask head of Mask R-CNN: 4 conv 3x3 + 2x deconv + a 1x1 conv with one 28x28 logit map per class."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+from mrcnn_jax.modeling import layers
+
+
+class MaskHead(nn.Module):
+  """(B, R, 14, 14, C) RoI features -> (B, R, 28, 28, K+1) mask logits, float32 (channel 0: background, unused)."""
+
+  num_classes: int
+  num_convs: int = 4
+  conv_dim: int = 256
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, r = x.shape[:2]
+    x = x.reshape((b * r,) + x.shape[2:]).astype(self.dtype)
+    for i in range(self.num_convs):
+      x = nn.relu(layers.conv(self.conv_dim, 3, name=f"conv{i + 1}", dtype=self.dtype)(x))
+    x = nn.relu(layers.conv_transpose(self.conv_dim, 2, 2, 0, name="deconv", dtype=self.dtype)(x))
+    x = layers.conv(self.num_classes + 1, 1, name="predictor", dtype=self.dtype)(x)
+    return x.astype(jnp.float32).reshape((b, r) + x.shape[1:])
+
+
+def select_class_masks(logits, classes):
+  """Per-pixel sigmoid of each detection's own class channel. logits (B, D, M, M, K+1), classes (B, D) int ->
+  (B, D, M, M) float32 probabilities."""
+  picked = jnp.take_along_axis(logits, classes[:, :, None, None, None], axis=-1)[..., 0]
+  return nn.sigmoid(picked)

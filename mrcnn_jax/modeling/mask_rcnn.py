@@ -1,0 +1,143 @@
+"""Mask R-CNN (He et al., 2017) and Keypoint R-CNN: the whole model, as one Flax module.
+
+I/O contract:
+- `MaskRCNN.infer(images (B, H, W, 3) float32 normalized, image_info (B, 6) float32)` -> dict of fixed-size arrays
+  (D = detections per image): boxes (B, D, 4) XYXY in input (canvas) pixels, scores (B, D), classes (B, D) int32 in
+  1..K, valid (B, D) bool; masks (B, D, 28, 28) float32 probabilities of each detection's class when the mask head
+  is on; keypoints (B, D, 17, 3) (x, y, score) when the keypoint head is on. One jitted program.
+  image_info rows are [valid_h, valid_w, scale_h, scale_w, orig_h, orig_w] (see `data.transforms.preprocess`).
+- Training (losses) arrives with the trainer.
+
+Variables: `params` (everything trained) and `batch_stats` (frozen / running norm statistics).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+
+from mrcnn_jax.modeling.box_head import BoxHead, detect
+from mrcnn_jax.modeling.fpn import FPN
+from mrcnn_jax.modeling.keypoint_head import KeypointHead, heatmaps_to_keypoints
+from mrcnn_jax.modeling.mask_head import MaskHead, select_class_masks
+from mrcnn_jax.modeling.resnet import ResNet
+from mrcnn_jax.modeling.rpn import RPNHead, generate_proposals
+from mrcnn_jax.ops import anchors as anchor_ops
+from mrcnn_jax.ops import roi_align as roi_ops
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(model_cfg):
+  try:
+    return _DTYPES[model_cfg.compute_dtype]
+  except KeyError:
+    raise ValueError(f"model.compute_dtype {model_cfg.compute_dtype!r} is not one of {sorted(_DTYPES)}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _anchors(image_hw, strides, sizes, aspect_ratios, offset, convention):
+  return tuple(anchor_ops.generate_anchors(image_hw, strides, sizes, aspect_ratios, offset, convention))
+
+
+class MaskRCNN(nn.Module):
+  """The model of a config's `model` section (see configs/mask_rcnn_R50_FPN_1x.py for the fields)."""
+
+  config: object  # ml_collections.ConfigDict (model section); read-only here
+  train: bool = False
+
+  def setup(self):
+    cfg = self.config
+    dtype = compute_dtype(cfg)
+    b = cfg.backbone
+    self.backbone = ResNet(depth=b.depth, norm=b.norm, norm_eps=b.norm_eps, stride_in_1x1=b.stride_in_1x1,
+                           freeze_at=b.freeze_at, train=self.train, dtype=dtype)
+    self.fpn = FPN(channels=cfg.fpn.channels, dtype=dtype)
+    num_anchors = len(cfg.anchors.aspect_ratios) * len(cfg.anchors.sizes[0])
+    self.rpn = RPNHead(num_anchors=num_anchors, channels=cfg.fpn.channels, dtype=dtype)
+    self.box_head = BoxHead(num_classes=cfg.num_classes, fc_dim=cfg.roi_heads.fc_dim, dtype=dtype)
+    if cfg.mask_head.enabled:
+      self.mask_head = MaskHead(num_classes=cfg.num_classes, num_convs=cfg.mask_head.num_convs,
+                                conv_dim=cfg.mask_head.conv_dim, dtype=dtype)
+    if cfg.keypoint_head.enabled:
+      self.keypoint_head = KeypointHead(num_keypoints=cfg.keypoint_head.num_keypoints,
+                                        num_convs=cfg.keypoint_head.num_convs, conv_dim=cfg.keypoint_head.conv_dim,
+                                        dtype=dtype)
+
+  # -- pieces -------------------------------------------------------------------------------------------------------
+
+  def features(self, images):
+    """images (B, H, W, 3) -> {2..6: (B, H/2**l, W/2**l, C)} FPN features."""
+    return self.fpn(self.backbone(images))
+
+  def anchors(self, image_hw):
+    a = self.config.anchors
+    levels = range(self.config.fpn.min_level, self.config.fpn.max_level + 1)
+    return _anchors(tuple(image_hw), tuple(2**l for l in levels), tuple(tuple(s) for s in a.sizes),
+                    tuple(a.aspect_ratios), float(a.offset), a.convention)
+
+  def pool(self, feats, boxes, resolution: int):
+    """Multi-level RoIAlign over P2..P5. boxes (B, R, 4) -> (B, R, res, res, C)."""
+    p = self.config.pooler
+    levels = [feats[l] for l in range(self.config.fpn.min_level, 6)]
+    return roi_ops.multilevel_roi_align(
+        levels, boxes, resolution, p.sampling_ratio, p.aligned, self.config.fpn.min_level, p.canonical_size,
+        p.canonical_level, level_convention=p.level_convention, max_sampling_ratio=p.max_sampling_ratio,
+        impl=p.impl)
+
+  def proposals(self, feats, image_hw, canvas_hw):
+    """RPN proposals at test time: boxes (B, P, 4), scores (B, P), valid (B, P)."""
+    cfg = self.config.rpn
+    levels = range(self.config.fpn.min_level, self.config.fpn.max_level + 1)
+    logits, deltas = self.rpn([feats[l] for l in levels])
+    anchors = self.anchors(canvas_hw)
+    return generate_proposals(
+        logits, deltas, anchors, image_hw,
+        pre_nms_topk=cfg.pre_nms_topk_train if self.train else cfg.pre_nms_topk_test,
+        post_nms_topk=cfg.post_nms_topk_train if self.train else cfg.post_nms_topk_test,
+        nms_thresh=cfg.nms_thresh, min_size=cfg.min_size, score_thresh=cfg.score_thresh,
+        box_weights=tuple(cfg.box_weights), sigmoid_scores=self.config.anchors.convention == "torchvision")
+
+  # -- inference ----------------------------------------------------------------------------------------------------
+
+  def infer(self, images, image_info):
+    cfg = self.config
+    image_hw = image_info[:, :2]
+    feats = self.features(images)
+    boxes, _, valid = self.proposals(feats, image_hw, images.shape[1:3])
+    logits, deltas = self.box_head(self.pool(feats, boxes, cfg.pooler.box_resolution))
+    rh = cfg.roi_heads
+    out = detect(logits, deltas, boxes, valid, image_hw, score_thresh=rh.score_thresh_test,
+                 nms_thresh=rh.nms_thresh_test, detections_per_image=rh.detections_per_image,
+                 min_box_size=rh.min_box_size_test, box_weights=tuple(rh.box_weights))
+    out["proposals"], out["proposal_valid"] = boxes, valid
+    if cfg.mask_head.enabled:
+      mask_logits = self.mask_head(self.pool(feats, out["boxes"], cfg.pooler.mask_resolution))
+      out["masks"] = select_class_masks(mask_logits, out["classes"])
+    if cfg.keypoint_head.enabled:
+      heatmaps = self.keypoint_head(self.pool(feats, out["boxes"], cfg.pooler.keypoint_resolution))
+      out["keypoints"] = heatmaps_to_keypoints(heatmaps, out["boxes"])
+    return out
+
+
+def build_infer(config):
+  """A jitted `infer(variables, images, image_info) -> dict` for `config` (the whole ConfigDict)."""
+  model = MaskRCNN(config.model)
+
+  @jax.jit
+  def infer(variables, images, image_info):
+    return model.apply(variables, images, image_info, method=MaskRCNN.infer)
+
+  return infer
+
+
+def init_variables(config, key, canvas_hw=(128, 128)):
+  """Randomly initialized variables of the config's model (shapes do not depend on canvas_hw)."""
+  model = MaskRCNN(config.model)
+  images = jnp.zeros((1,) + tuple(canvas_hw) + (3,), jnp.float32)
+  info = jnp.asarray(np.array([[canvas_hw[0], canvas_hw[1], 1, 1, canvas_hw[0], canvas_hw[1]]], np.float32))
+  return jax.jit(functools.partial(model.init, method=MaskRCNN.infer))(key, images, info)

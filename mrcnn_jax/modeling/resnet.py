@@ -1,0 +1,79 @@
+"""ResNet-50/101 (He et al., 2016) with bottleneck blocks, NHWC, returning the outputs of res2..res5.
+
+Two weight families differ in where a stage's stride sits: MSRA/Detectron2 weights put it in the first 1x1 conv of the
+block (`stride_in_1x1=True`), torchvision's in the 3x3 conv. `freeze_at` follows Detectron2: 1 freezes the stem,
+2 the stem and res2, ...; frozen stages are cut from the gradient here (and left out of the update by the trainer).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from mrcnn_jax.modeling import layers
+
+STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+STAGE_WIDTHS = (64, 128, 256, 512)  # bottleneck widths of res2..res5; outputs are 4x wider
+
+
+class Bottleneck(nn.Module):
+  width: int
+  stride: int
+  stride_in_1x1: bool
+  norm: str
+  norm_eps: float
+  train: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    out_features = 4 * self.width
+    s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
+    norm = lambda name: layers.make_norm(self.norm, train=self.train, eps=self.norm_eps, name=name, dtype=self.dtype)  # noqa: E731
+    shortcut = x
+    if x.shape[-1] != out_features or self.stride != 1:
+      shortcut = layers.conv(out_features, 1, stride=self.stride, use_bias=False, name="shortcut_conv",
+                             dtype=self.dtype)(x)
+      shortcut = norm("shortcut_norm")(shortcut)
+    y = layers.conv(self.width, 1, stride=s1, use_bias=False, name="conv1", dtype=self.dtype)(x)
+    y = nn.relu(norm("norm1")(y))
+    y = layers.conv(self.width, 3, stride=s3, use_bias=False, name="conv2", dtype=self.dtype)(y)
+    y = nn.relu(norm("norm2")(y))
+    y = layers.conv(out_features, 1, use_bias=False, name="conv3", dtype=self.dtype)(y)
+    y = norm("norm3")(y)
+    return nn.relu(y + shortcut)
+
+
+class ResNet(nn.Module):
+  """images (B, H, W, 3) -> {2: (B, H/4, W/4, 256), 3: .../8 x 512, 4: .../16 x 1024, 5: .../32 x 2048}."""
+
+  depth: int = 50
+  norm: str = "FrozenBN"
+  norm_eps: float = 1e-5
+  stride_in_1x1: bool = True
+  freeze_at: int = 2
+  train: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.depth not in STAGE_BLOCKS:
+      raise ValueError(f"ResNet depth {self.depth} is not supported; expected one of {sorted(STAGE_BLOCKS)}")
+    x = x.astype(self.dtype)
+    x = layers.conv(64, 7, stride=2, use_bias=False, name="stem_conv", dtype=self.dtype)(x)
+    x = layers.make_norm(self.norm, train=self.train, eps=self.norm_eps, name="stem_norm", dtype=self.dtype)(x)
+    x = layers.max_pool(nn.relu(x), 3, 2, 1)
+    if self.freeze_at >= 1:
+      x = jax.lax.stop_gradient(x)
+    outputs = {}
+    for stage, (num_blocks, width) in enumerate(zip(STAGE_BLOCKS[self.depth], STAGE_WIDTHS)):
+      level = stage + 2
+      for i in range(num_blocks):
+        stride = 2 if (i == 0 and level > 2) else 1
+        x = Bottleneck(width, stride, self.stride_in_1x1, self.norm, self.norm_eps, self.train, self.dtype,
+                       name=f"res{level}_{i}")(x)
+      if self.freeze_at >= level:
+        x = jax.lax.stop_gradient(x)
+      outputs[level] = x
+    return outputs
