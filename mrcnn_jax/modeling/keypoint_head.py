@@ -9,10 +9,26 @@ import flax.linen as nn
 
 from mrcnn_jax.modeling import layers
 
-# Half-width, in heatmap cells, of the window around each heatmap's peak in which the resized map is searched, and
-# the static bound of that window in image pixels (see `heatmaps_to_keypoints`).
-_PEAK_RADIUS_CELLS = 2
-_MAX_WINDOW_PX = 128
+_TILE = 64  # resized-map pixels per side evaluated per step of `heatmaps_to_keypoints`
+_CUBIC_A = -0.75  # torch's bicubic
+
+
+def _cubic_taps(t):
+  """The 4 weights of torch's bicubic kernel for fractional offset t, on taps floor-1 .. floor+2. t: any shape ->
+  (..., 4)."""
+  a = _CUBIC_A
+  cc1 = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # noqa: E731
+  cc2 = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # noqa: E731
+  return jnp.stack([cc2(t + 1), cc1(t), cc1(1 - t), cc2(2 - t)], axis=-1)
+
+
+def _cubic_sampling(dst, scale, size: int):
+  """Taps (..., 4) int32 and weights (..., 4) of torch's bicubic resize (align_corners=False) at destination pixels
+  dst (float) with scale = in / out; taps are clamped to [0, size-1] as torch reads them."""
+  src = (dst + 0.5) * scale - 0.5  # no clamp at 0 for cubic, as in torch
+  x0 = jnp.floor(src)
+  taps = jnp.clip(x0.astype(jnp.int32)[..., None] + jnp.arange(-1, 3), 0, size - 1)
+  return taps, _cubic_taps(src - x0)
 
 
 class KeypointHead(nn.Module):
@@ -52,70 +68,60 @@ def upsample_bilinear_2x(x):
   return jnp.einsum("yh,bhwc,xw->byxc", wy, x, wx, precision=jax.lax.Precision.HIGHEST)
 
 
-def _cubic_weights(dst, scale, in_size: int):
-  """Weights (..., in_size) of torch's bicubic resize (A = -0.75, align_corners=False, border-clamped taps) for
-  destination pixel indices `dst` (float array) and scale = in / out (per element, broadcastable)."""
-  a = -0.75
-  src = (dst + 0.5) * scale - 0.5  # no clamp at 0 for cubic, as in torch
-  x0 = jnp.floor(src)
-  t = src - x0
-  cc1 = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # noqa: E731
-  cc2 = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # noqa: E731
-  taps = (cc2(t + 1), cc1(t), cc1(1 - t), cc2(2 - t))
-  out = 0.0
-  for k, w in enumerate(taps):
-    idx = jnp.clip(x0.astype(jnp.int32) + k - 1, 0, in_size - 1)
-    out = out + jax.nn.one_hot(idx, in_size) * w[..., None]
-  return out
-
-
 def heatmaps_to_keypoints(heatmaps, boxes):
-  """Keypoints from heatmaps, as torchvision's / Detectron2's `heatmaps_to_keypoints`.
+  """Keypoints from heatmaps, exactly as torchvision's / Detectron2's `heatmaps_to_keypoints`, with static shapes.
 
-  Those resize each RoI's heatmap (bicubic) to the RoI's size in pixels, ceil(w) x ceil(h), and take the argmax: a
-  dynamic shape. Here the resized map is evaluated only in a static window of at most _MAX_WINDOW_PX pixels per axis
-  around the peak of the raw heatmap (+-_PEAK_RADIUS_CELLS cells), where its maximum lies unless the heatmap has a
-  second peak almost as high further away.
+  Those resize each RoI's S x S heatmap (bicubic, align_corners=False) to the RoI's size in pixels,
+  ceil(w) x ceil(h), and take the first argmax: an array of dynamic shape. Here the resized maps of all RoIs are
+  evaluated in tiles of _TILE x _TILE pixels inside a `lax.while_loop` that runs as many steps as the largest RoI
+  needs, keeping a running maximum (ties go to the first pixel in row-major order, as torch's argmax). Memory is
+  one tile per RoI and keypoint; the work is that of the full resize of the largest RoI, for every RoI.
 
   Args:
     heatmaps: (B, D, S, S, K) logits; boxes: (B, D, 4) XYXY.
   Returns:
-    (B, D, K, 3): x, y in input pixels (pixel centres: +0.5) and the resized heatmap's value there.
+    (B, D, K, 3): x, y in input pixels (the resized pixel's centre) and the resized heatmap's value there.
   """
   b, d, s, _, k = heatmaps.shape
-  maps = jnp.moveaxis(heatmaps, -1, 2).reshape(b * d, k, s, s)  # (N, K, S, S)
-  bx = boxes.reshape(b * d, 4)
+  n = b * d
+  maps = jnp.moveaxis(heatmaps, -1, 2).reshape(n, k, s, s).astype(jnp.float32)
+  bx = boxes.reshape(n, 4).astype(jnp.float32)
   widths = jnp.maximum(bx[:, 2] - bx[:, 0], 1.0)
   heights = jnp.maximum(bx[:, 3] - bx[:, 1], 1.0)
   out_w = jnp.ceil(widths)
   out_h = jnp.ceil(heights)
-  scale_x = s / out_w  # in / out
-  scale_y = s / out_h
-  peak = jnp.argmax(maps.reshape(b * d, k, s * s), axis=-1)
-  peak_y, peak_x = peak // s, peak % s
-  win = _MAX_WINDOW_PX
+  scale_y = s / out_h  # in / out, as torch computes it for an output size
+  scale_x = s / out_w
+  tiles_x = jnp.ceil(out_w / _TILE).astype(jnp.int32)
+  tiles_y = jnp.ceil(out_h / _TILE).astype(jnp.int32)
+  max_tx = jnp.max(tiles_x)
+  num_steps = jnp.max(tiles_y) * max_tx
+  offs = jnp.arange(_TILE, dtype=jnp.float32)
 
-  def window_start(peak_cell, scale, out_size):
-    # First destination pixel whose source coordinate reaches peak - radius cells.
-    lo = (peak_cell - _PEAK_RADIUS_CELLS + 0.5) / scale[:, None] - 0.5
-    lo = jnp.clip(jnp.floor(lo), 0, jnp.maximum(out_size[:, None] - win, 0))
-    return lo
+  def step(carry):
+    i, best, best_y, best_x = carry
+    ty, tx = i // max_tx, i % max_tx
+    dst_y = (ty * _TILE).astype(jnp.float32) + offs  # (T,)
+    dst_x = (tx * _TILE).astype(jnp.float32) + offs
+    rows, wy = _cubic_sampling(dst_y[None, :], scale_y[:, None], s)  # (n, T, 4)
+    cols, wx = _cubic_sampling(dst_x[None, :], scale_x[:, None], s)
+    # Along x first, then y: torch's order of the two 1-D interpolations.
+    gathered = jnp.take_along_axis(maps[:, :, :, None, :], cols[:, None, None, :, :], axis=-1)  # (n, k, S, T, 4)
+    along_x = jnp.sum(gathered * wx[:, None, None], axis=-1)  # (n, k, S, T)
+    picked = jnp.take_along_axis(along_x[:, :, None, :, :], rows[:, None, :, :, None], axis=3)  # (n, k, T, 4, T)
+    vals = jnp.sum(picked * wy[:, None, :, :, None], axis=3)  # (n, k, T(y), T(x))
+    inside = (dst_y[None, :] < out_h[:, None])[:, :, None] & (dst_x[None, :] < out_w[:, None])[:, None, :]
+    vals = jnp.where(inside[:, None], vals, -jnp.inf).reshape(n, k, _TILE * _TILE)
+    j = jnp.argmax(vals, axis=-1)  # first maximum in the tile, row-major
+    v = jnp.take_along_axis(vals, j[..., None], axis=-1)[..., 0]
+    y = dst_y[j // _TILE]
+    x = dst_x[j % _TILE]
+    earlier = (y * out_w[:, None] + x) < (best_y * out_w[:, None] + best_x)
+    better = (v > best) | ((v == best) & earlier)
+    return (i + 1, jnp.where(better, v, best), jnp.where(better, y, best_y), jnp.where(better, x, best_x))
 
-  y0 = window_start(peak_y.astype(jnp.float32), scale_y, out_h)  # (N, K)
-  x0 = window_start(peak_x.astype(jnp.float32), scale_x, out_w)
-  offs = jnp.arange(win, dtype=jnp.float32)
-  dst_y = y0[..., None] + offs  # (N, K, win)
-  dst_x = x0[..., None] + offs
-  wy = _cubic_weights(dst_y, scale_y[:, None, None], s)  # (N, K, win, S)
-  wx = _cubic_weights(dst_x, scale_x[:, None, None], s)
-  vals = jnp.einsum("nkys,nkst,nkxt->nkyx", wy, maps, wx, precision=jax.lax.Precision.HIGHEST)
-  inside = (dst_y < out_h[:, None, None])[..., :, None] & (dst_x < out_w[:, None, None])[..., None, :]
-  vals = jnp.where(inside, vals, -jnp.inf)
-  flat = jnp.argmax(vals.reshape(b * d, k, win * win), axis=-1)
-  iy, ix = flat // win, flat % win
-  score = jnp.take_along_axis(vals.reshape(b * d, k, win * win), flat[..., None], axis=-1)[..., 0]
-  y_int = jnp.take_along_axis(dst_y, iy[..., None], axis=-1)[..., 0]
-  x_int = jnp.take_along_axis(dst_x, ix[..., None], axis=-1)[..., 0]
+  init = (jnp.int32(0), jnp.full((n, k), -jnp.inf), jnp.zeros((n, k)), jnp.zeros((n, k)))
+  _, score, y_int, x_int = jax.lax.while_loop(lambda c: c[0] < num_steps, step, init)
   x = (x_int + 0.5) * (widths / out_w)[:, None] + bx[:, 0, None]
   y = (y_int + 0.5) * (heights / out_h)[:, None] + bx[:, 1, None]
   return jnp.stack([x, y, score], axis=-1).reshape(b, d, k, 3)

@@ -124,3 +124,35 @@ def test_detections_and_masks(mask_rcnn_run):
                                                  "torchvision"))
     agree = (got_pasted == want_pasted).mean()
     assert agree >= 0.999, f"pasted masks agree on {agree:.5f} of pixels"
+
+
+@pytest.fixture(scope="module")
+def keypoint_rcnn_run():
+  torch.manual_seed(0)
+  model = torchvision.models.detection.keypointrcnn_resnet50_fpn(
+      weights=None, weights_backbone=None, min_size=320, max_size=512).eval()
+  _spread_weights(model, seed=2)
+  with torch.no_grad():  # one foreground class: lift it so that many boxes pass the 0.05 score threshold
+    model.roi_heads.box_predictor.cls_score.bias.copy_(torch.tensor([0.0, 4.0]))
+  rng = np.random.default_rng(1)
+  images = [rng.random((3, 480, 640), np.float32), rng.random((3, 600, 400), np.float32)]
+  from conftest import load_config
+
+  return _run_both(model, load_config("torchvision_keypointrcnn_r50_fpn"), images)
+
+
+def test_keypoints(keypoint_rcnn_run):
+  theirs, _, out = keypoint_rcnn_run
+  for i, det in enumerate(theirs["detections"]):
+    valid = out["valid"][i]
+    got_boxes = out["boxes"][i][valid]
+    want_boxes = det["boxes"].numpy()
+    assert len(got_boxes) == len(want_boxes) and len(want_boxes) >= 10
+    j, iou = _match(got_boxes, want_boxes)
+    assert np.all(iou > 0.999) and len(set(j)) == len(j)
+    np.testing.assert_allclose(got_boxes, want_boxes[j], atol=1e-3)
+    got = out["keypoints"][i][valid]  # (n, 17, 3): x, y, heatmap score
+    want_xy = det["keypoints"].numpy()[j][..., :2]
+    want_score = det["keypoints_scores"].numpy()[j]
+    np.testing.assert_allclose(got[..., :2], want_xy, atol=1e-2)
+    np.testing.assert_allclose(got[..., 2], want_score, rtol=1e-4, atol=1e-3)

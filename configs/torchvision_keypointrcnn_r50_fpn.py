@@ -1,0 +1,72 @@
+r"""Keypoint R-CNN, ResNet-50-FPN, torchvision conventions: the config of torchvision's keypointrcnn_resnet50_fpn.
+
+torchvision's Mask R-CNN config (torchvision_maskrcnn_r50_fpn.py, which lists its conventions) turned into
+torchvision's Keypoint R-CNN, so that its weights (KeypointRCNN_ResNet50_FPN_Weights.COCO_V1) converted to mrcnn_jax
+give the same detections as torchvision itself: torchvision's default num_classes=2 (background and person, label 1 ==
+COCO's person id), the keypoint head (17 COCO keypoints) in place of the mask head, training short sides 640..800
+(KeypointRCNN's default), training images with fewer than 10 visible keypoints skipped (torchvision's reference
+recipe), and its schedule (46 epochs, decay at 36 and 43).
+
+Evaluate torchvision's weights (keypointrcnn_resnet50_fpn_coco-fc266e95.pth):
+
+  python scripts/convert_weights.py --from torchvision keypointrcnn_resnet50_fpn_coco-fc266e95.pth \
+      --out /tmp/tv_keypointrcnn
+  python -m mrcnn_jax.evaluate --config=configs/torchvision_keypointrcnn_r50_fpn.py \
+      --checkpoint=/tmp/tv_keypointrcnn \
+      --config.dataset.val_json=COCO/annotations/person_keypoints_val2017.json \
+      --config.dataset.val_image_dir=COCO/val2017
+
+Expected on COCO val2017 (person): box AP 54.6, keypoint AP 65.0 (torchvision's published figures for these weights).
+
+Train with torchvision's recipe (global batch 16; an ImageNet ResNet-50 backbone as init_checkpoint):
+
+  python -m mrcnn_jax.main --config=configs/torchvision_keypointrcnn_r50_fpn.py --workdir=/tmp/tv_kprcnn_train \
+      --config.train.init_checkpoint=BACKBONE_DIR \
+      --config.dataset.train_json=COCO/annotations/person_keypoints_train2017.json \
+      --config.dataset.train_image_dir=COCO/train2017 \
+      --config.dataset.val_json=COCO/annotations/person_keypoints_val2017.json \
+      --config.dataset.val_image_dir=COCO/val2017
+
+Quick local run: `--config=configs/torchvision_keypointrcnn_r50_fpn.py:runlocal`.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _load_sibling(name):
+  """configs/<name>.py as a module, by file path: works whether this file was imported or loaded by path."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
+  spec = importlib.util.spec_from_file_location(f"_mrcnn_jax_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+base = _load_sibling("mask_rcnn_R50_FPN_1x")
+tv_mask = _load_sibling("torchvision_maskrcnn_r50_fpn")
+
+# An estimate: of the 64,115 train2017 images that hold a person, the >= 10 visible keypoints filter keeps roughly
+# 56k; at batch 16 that is about 3,500 iterations per epoch.
+ITERS_PER_EPOCH = 3500
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  """torchvision's keypointrcnn_resnet50_fpn; `arg` "runlocal" shrinks it for a quick local run."""
+  config = tv_mask.get_config()
+  model = config.model
+  model.num_classes = 1  # person; torchvision's num_classes=2 counts the background
+  model.mask_head.enabled = False
+  model.keypoint_head.enabled = True
+  model.keypoint_head.min_visible_per_image = 10
+
+  config.input.min_size_train = (640, 672, 704, 736, 768, 800)
+
+  train = config.train
+  train.max_iter = 46 * ITERS_PER_EPOCH
+  train.steps = (36 * ITERS_PER_EPOCH, 43 * ITERS_PER_EPOCH)
+  train.checkpoint_every = ITERS_PER_EPOCH
+  train.eval_every = ITERS_PER_EPOCH
+  return base.finalize(config, arg)

@@ -1,0 +1,92 @@
+r"""Mask R-CNN, ResNet-50-FPN, torchvision conventions: the config of torchvision's maskrcnn_resnet50_fpn weights.
+
+The Detectron2 base (mask_rcnn_R50_FPN_1x.py, where every field is documented) with every convention switched to
+torchvision's, so that its weights (MaskRCNN_ResNet50_FPN_Weights.COCO_V1) converted to mrcnn_jax give the same
+detections as torchvision itself:
+- label space: torchvision's 91-way COCO id space (label == COCO category id, 0 background, gaps unused): 90
+  foreground classes, background logit first, box deltas for all 91 classes;
+- backbone: torchvision ResNet (stride in the 3x3 conv), FrozenBN, layers 2..4 trained (trainable_layers=3);
+- input: RGB in 0..1 normalized by the ImageNet mean and std, resized with F.interpolate, short side 800 only;
+- anchors: rounded base anchors; RPN ranks by sigmoid scores with score_thresh 0.0 and drops boxes under 1e-3;
+- RoIAlign: not aligned, sampling ratio 2, torchvision's level mapper; detections under 1e-2 dropped;
+- losses: smooth L1 with beta 1/9; 2000 proposals per training image (torchvision's rpn_post_nms_top_n_train);
+- schedule: torchvision's detection recipe (26 epochs, decay at 16 and 22), as iterations.
+
+Evaluate torchvision's weights (maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth):
+
+  python scripts/convert_weights.py --from torchvision maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --out /tmp/tv_maskrcnn
+  python -m mrcnn_jax.evaluate --config=configs/torchvision_maskrcnn_r50_fpn.py --checkpoint=/tmp/tv_maskrcnn \
+      --config.dataset.val_json=COCO/annotations/instances_val2017.json --config.dataset.val_image_dir=COCO/val2017
+
+Expected on COCO val2017: box AP 37.9, mask AP 34.6 (torchvision's published figures for these weights).
+
+Train with torchvision's recipe (global batch 16; an ImageNet ResNet-50 backbone as init_checkpoint):
+
+  python -m mrcnn_jax.main --config=configs/torchvision_maskrcnn_r50_fpn.py --workdir=/tmp/tv_maskrcnn_train \
+      --config.train.init_checkpoint=BACKBONE_DIR \
+      --config.dataset.train_json=COCO/annotations/instances_train2017.json \
+      --config.dataset.train_image_dir=COCO/train2017 \
+      --config.dataset.val_json=COCO/annotations/instances_val2017.json \
+      --config.dataset.val_image_dir=COCO/val2017
+
+Quick local run: `--config=configs/torchvision_maskrcnn_r50_fpn.py:runlocal`.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _load_sibling(name):
+  """configs/<name>.py as a module, by file path: works whether this file was imported or loaded by path."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
+  spec = importlib.util.spec_from_file_location(f"_mrcnn_jax_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+base = _load_sibling("mask_rcnn_R50_FPN_1x")
+
+# torchvision counts its schedule in epochs: 117,266 train2017 images with annotations / batch 16, rounded up.
+ITERS_PER_EPOCH = 7330
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  """torchvision's maskrcnn_resnet50_fpn; `arg` "runlocal" shrinks it for a quick local run."""
+  config = base.get_config()
+  model = config.model
+  model.num_classes = 90  # torchvision's num_classes=91 counts the background
+  model.label_space = "coco_ids"
+  model.backbone.stride_in_1x1 = False
+  model.anchors.convention = "torchvision"
+  model.rpn.post_nms_topk_train = 2000
+  model.rpn.min_size = 1e-3
+  model.rpn.score_thresh = 0.0
+  model.rpn.smooth_l1_beta = 1.0 / 9.0
+  model.roi_heads.min_box_size_test = 1e-2
+  model.roi_heads.bbox_reg_background = True
+  model.roi_heads.background_last = False
+  model.roi_heads.smooth_l1_beta = 1.0 / 9.0
+  model.pooler.aligned = False
+  model.pooler.sampling_ratio = 2
+  model.pooler.max_sampling_ratio = 2
+  model.pooler.level_convention = "torchvision"
+  model.mask_head.paste_mode = "torchvision"
+
+  inp = config.input
+  inp.pixel_format = "RGB"
+  inp.pixel_scale = 1.0
+  inp.pixel_mean = (0.485, 0.456, 0.406)
+  inp.pixel_std = (0.229, 0.224, 0.225)
+  inp.resize_mode = "torchvision"
+  inp.min_size_train = (800,)
+
+  train = config.train
+  train.weight_decay_norm = 1e-4  # torchvision's recipe decays every trained parameter alike
+  train.max_iter = 26 * ITERS_PER_EPOCH
+  train.steps = (16 * ITERS_PER_EPOCH, 22 * ITERS_PER_EPOCH)
+  train.checkpoint_every = ITERS_PER_EPOCH  # the recipe checkpoints and evaluates after every epoch
+  train.eval_every = ITERS_PER_EPOCH
+  return base.finalize(config, arg)

@@ -1,0 +1,156 @@
+"""mrcnn_jax.checkpoint: variables round-trip through orbax, config/metadata beside them, atomic (over)writes."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mrcnn_jax import checkpoint
+
+
+def _variables(seed=0):
+  rng = np.random.default_rng(seed)
+  f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+  return {
+      "params": {
+          "backbone": {"stem_conv": {"kernel": f32(7, 7, 3, 8)}},
+          "box_head": {"fc1": {"kernel": f32(16, 4), "bias": f32(4)}},
+      },
+      "batch_stats": {"backbone": {"stem_norm": {"mean": f32(8), "var": np.abs(f32(8))}}},
+  }
+
+
+def _assert_trees_equal(got, want):
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert isinstance(g, np.ndarray)
+    assert g.dtype == w.dtype and g.shape == w.shape
+    np.testing.assert_array_equal(g, w)
+
+
+def _siblings(path: pathlib.Path):
+  """What lies beside `path`: temporary or moved-aside directories must not survive a save."""
+  return sorted(p.name for p in path.parent.iterdir())
+
+
+def test_round_trip_with_config_and_metadata(tmp_path):
+  variables = _variables()
+  config = ml_collections.ConfigDict({"model": {"num_classes": 3, "sizes": (32, 64)}, "name": "tiny"})
+  out = checkpoint.save_variables(tmp_path / "ckpt", variables, config=config,
+                                  metadata={"source": "test", "file": "x.pth"})
+  assert out == (tmp_path / "ckpt").absolute()
+  assert _siblings(out) == ["ckpt"]
+  assert sorted(p.name for p in out.iterdir()) == ["config.json", "metadata.json", "variables"]
+  _assert_trees_equal(checkpoint.load_variables(out), variables)
+  assert checkpoint.load_config_json(out) == {"model": {"num_classes": 3, "sizes": [32, 64]}, "name": "tiny"}
+  assert checkpoint.load_metadata_json(out) == {"format_version": 1, "source": "test", "file": "x.pth"}
+  assert json.loads((out / "metadata.json").read_text())["format_version"] == checkpoint.FORMAT_VERSION
+
+
+def test_without_config(tmp_path):
+  checkpoint.save_variables(tmp_path / "ckpt", _variables())
+  assert checkpoint.load_config_json(tmp_path / "ckpt") is None
+
+
+def test_refuses_to_overwrite_and_overwrite_replaces(tmp_path):
+  target = tmp_path / "ckpt"
+  checkpoint.save_variables(target, _variables(0))
+  with pytest.raises(FileExistsError, match="ckpt"):
+    checkpoint.save_variables(target, _variables(1))
+  _assert_trees_equal(checkpoint.load_variables(target), _variables(0))
+
+  checkpoint.save_variables(target, _variables(1), overwrite=True)
+  _assert_trees_equal(checkpoint.load_variables(target), _variables(1))
+  assert _siblings(target) == ["ckpt"]
+
+
+def test_empty_existing_directory_is_used(tmp_path):
+  (tmp_path / "ckpt").mkdir()
+  checkpoint.save_variables(tmp_path / "ckpt", _variables())
+  _assert_trees_equal(checkpoint.load_variables(tmp_path / "ckpt"), _variables())
+
+
+def _fail_first_move_to(target, monkeypatch):
+  """Make the first rename onto `target` (the commit of the new checkpoint) fail, as a crash at that point would."""
+  real_move = checkpoint._move
+  failed = []
+
+  def move(src, dst):
+    if pathlib.Path(dst) == target and not failed:
+      failed.append(src)
+      raise OSError("simulated interruption")
+    real_move(src, dst)
+  monkeypatch.setattr(checkpoint, "_move", move)
+  return failed
+
+
+def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
+  target = (tmp_path / "ckpt").absolute()
+  failed = _fail_first_move_to(target, monkeypatch)
+  with pytest.raises(OSError, match="simulated"):
+    checkpoint.save_variables(target, _variables())
+  assert failed
+  assert not target.exists()
+  assert _siblings(target) == []
+
+
+def test_interrupted_overwrite_keeps_previous(tmp_path, monkeypatch):
+  target = (tmp_path / "ckpt").absolute()
+  checkpoint.save_variables(target, _variables(0), config={"a": 1})
+  failed = _fail_first_move_to(target, monkeypatch)
+  with pytest.raises(OSError, match="simulated"):
+    checkpoint.save_variables(target, _variables(1), config={"a": 2}, overwrite=True)
+  assert failed
+  _assert_trees_equal(checkpoint.load_variables(target), _variables(0))
+  assert checkpoint.load_config_json(target) == {"a": 1}
+  assert _siblings(target) == ["ckpt"]
+
+
+def test_load_errors_name_the_directory(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no_such_ckpt"):
+    checkpoint.load_variables(tmp_path / "no_such_ckpt")
+  (tmp_path / "not_a_ckpt").mkdir()
+  with pytest.raises(FileNotFoundError, match="not_a_ckpt"):
+    checkpoint.load_variables(tmp_path / "not_a_ckpt")
+  (tmp_path / "half_written" / "variables").mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match="half_written"):
+    checkpoint.load_variables(tmp_path / "half_written")
+
+
+def test_saved_sharded_over_8_devices_loads_in_a_1_device_process(tmp_path):
+  """Arrays sharded over this session's 8 CPU devices load as host numpy in a fresh process with one device."""
+  assert jax.device_count() == 8
+  variables = _variables()
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  sharded = jax.tree.map(
+      lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec("data") if x.shape[0] % 8 == 0
+                                                else PartitionSpec())), variables)
+  checkpoint.save_variables(tmp_path / "ckpt", sharded)
+  flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(variables)[0]}
+  np.savez(tmp_path / "expected.npz", **flat)
+
+  script = textwrap.dedent(f"""
+      import jax, numpy as np
+      from mrcnn_jax import checkpoint
+      assert jax.device_count() == 1, jax.devices()
+      got = checkpoint.load_variables({str(tmp_path / "ckpt")!r})
+      flat = {{jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(got)[0]}}
+      want = np.load({str(tmp_path / "expected.npz")!r})
+      assert sorted(flat) == sorted(want.files), (sorted(flat), want.files)
+      for k in want.files:
+        assert isinstance(flat[k], np.ndarray) and flat[k].dtype == np.float32, k
+        np.testing.assert_array_equal(flat[k], want[k])
+      print("ok")
+  """)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().endswith("ok")
