@@ -156,3 +156,36 @@ def test_keypoints(keypoint_rcnn_run):
     want_score = det["keypoints_scores"].numpy()[j]
     np.testing.assert_allclose(got[..., :2], want_xy, atol=1e-2)
     np.testing.assert_allclose(got[..., 2], want_score, rtol=1e-4, atol=1e-3)
+
+
+def test_predictor_end_to_end_matches_torchvision():
+  """The whole path a user takes: RGB images of their own sizes -> Predictor (resize, normalize, pad, infer, rescale,
+  paste) against torchvision's model called on the same images, in original-image pixels."""
+  from conftest import load_config
+
+  from mrcnn_jax.predict import Predictor
+
+  torch.manual_seed(0)
+  model = torchvision.models.detection.maskrcnn_resnet50_fpn(
+      weights=None, weights_backbone=None, min_size=320, max_size=512).eval()
+  _spread_weights(model, seed=3)
+  rng = np.random.default_rng(2)
+  images = [rng.random((480, 640, 3), np.float32), rng.random((600, 400, 3), np.float32)]
+  with torch.no_grad():
+    want = model([torch.tensor(im).permute(2, 0, 1) for im in images])
+  config = load_config("torchvision_maskrcnn_r50_fpn")
+  config.input.min_size_test, config.input.max_size_test = 320, 512
+  # torchvision pads the batch to its largest image (rounded up to 32): the same canvas gives the same anchors.
+  config.input.canvas_hw = (480, 448)
+  variables = tv_convert.convert_state_dict({k: v.numpy() for k, v in model.state_dict().items()})
+  got = Predictor(config, variables, batch_size=2)(images)
+  for g, w, image in zip(got, want, images):
+    assert len(g["boxes"]) == len(w["boxes"]) >= 20
+    j, iou = _match(g["boxes"], w["boxes"].numpy())
+    assert np.all(iou > 0.999) and len(set(j)) == len(j)
+    np.testing.assert_allclose(g["boxes"], w["boxes"].numpy()[j], atol=1e-3)
+    np.testing.assert_array_equal(g["labels"], w["labels"].numpy()[j])
+    np.testing.assert_allclose(g["scores"], w["scores"].numpy()[j], atol=1e-4)
+    assert g["masks"].shape == (len(j),) + image.shape[:2] and g["masks"].dtype == bool
+    agree = (g["masks"] == (w["masks"][:, 0].numpy()[j] > 0.5)).mean()
+    assert agree >= 0.999, f"pasted masks agree on {agree:.5f} of pixels"
