@@ -3,7 +3,8 @@ r"""Mask R-CNN, ResNet-50-FPN, 1x schedule (90k iterations at batch 16), Detectr
 The base config: every field the library reads is here, with what it means. It is Detectron2's
 COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x: MSRA ImageNet R-50 weights (BGR pixels in 0..255 minus the mean,
 std 1, stride in the first 1x1 conv of each bottleneck, FrozenBN, stem and res2 frozen), aligned RoIAlign with
-adaptive sampling, 80 contiguous classes with the background logit last, plain L1 box losses.
+adaptive sampling, 80 contiguous classes (Detectron2's weights have the background logit last; the converter moves it
+first, mrcnn_jax's layout), plain L1 box losses.
 
 Train (global batch 16 over the devices of the mesh; the backbone from the MSRA R-50.pkl converted with
 `python scripts/convert_weights.py --from detectron2 R-50.pkl --out BACKBONE_DIR`):
@@ -95,8 +96,11 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   model.roi_heads.box_weights = (10.0, 10.0, 5.0, 5.0)
   model.roi_heads.fc_dim = 1024
   model.roi_heads.class_agnostic_bbox_reg = False
-  model.roi_heads.bbox_reg_background = False  # deltas for K classes (Detectron2), or K + 1 incl. background
-  model.roi_heads.background_last = True  # background is the last class logit (Detectron2), or the first
+  # The layout of the weights' home framework, for converters and readers: Detectron2 has deltas for the K classes
+  # and the background logit last; torchvision deltas for K + 1 and background first. Inside mrcnn_jax the layout is
+  # always background first with K + 1 deltas: the converters re-order.
+  model.roi_heads.bbox_reg_background = False
+  model.roi_heads.background_last = True
   model.roi_heads.smooth_l1_beta = 0.0
 
   model.pooler = ml_collections.ConfigDict()

@@ -3,11 +3,21 @@
 
 Usage:
   python scripts/benchmark.py ops [--repeats 7] [--impl xla|pallas] [--json results.json]
+  python scripts/benchmark.py model [--repeats 5] [--batches 1 2] [--json results.json]
 
-Groups (more arrive with the model, data and trainer):
-  ops   RoIAlign (features 1x200x336x256, 1,000 boxes, 7x7, sampling_ratio 2, aligned False/True, forward and
-        forward+backward), NMS on 4,000 boxes, paste of 100 28x28 masks into 800x1333.
-        On a GPU it also times the Pallas RoIAlign kernel against the XLA path.
+Groups (more arrive with the data and trainer):
+  ops    RoIAlign (features 1x200x336x256, 1,000 boxes, 7x7, sampling_ratio 2, aligned False/True, forward and
+         forward+backward), NMS on 4,000 boxes, paste of 100 28x28 masks into 800x1333.
+         On a GPU it also times the Pallas RoIAlign kernel against the XLA path.
+  model  R50-FPN Mask R-CNN inference on 800x1333 images (batch 1 and 2; torchvision's transform pads them to
+         800x1344): torchvision's maskrcnn_resnet50_fpn with random weights spread so that it returns 100
+         detections per image (the mask head works on all of them), converted with convert_state_dict and run as
+         configs/torchvision_maskrcnn_r50_fpn.py. Timed on both sides: the model on the padded batch, without
+         transform and postprocess (torchvision: backbone + rpn + roi_heads on the ImageList; mrcnn_jax: the jitted
+         `build_infer` on the same tensor, NHWC). Each side runs in its own subprocess, so that its peak RSS (in the
+         note) is its own. At batch 1 it also times the stages apart (each jitted alone on our side): backbone+FPN,
+         RPN head + proposals, box head + detection, mask head (RoIAlign 14x14 included).
+         Default --repeats here is 5.
 
 torch runs with as many threads as JAX's CPU client uses (all cores). The ratio column is mrcnn_jax / torchvision:
 below 1.0 means mrcnn_jax is faster. torch and torchvision are needed here (the `parity` extra); the library itself
@@ -18,18 +28,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import pathlib
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _import_jax() -> None:
+  """Bind the module globals `jax` and `jnp`. Imported on demand, not at the top, so that the torch worker of the
+  `model` group (whose peak RSS is measured) does not carry JAX."""
+  global jax, jnp
+  import jax
+  import jax.numpy as jnp
 
 
 @dataclasses.dataclass
