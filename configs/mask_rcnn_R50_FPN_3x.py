@@ -26,22 +26,12 @@ should evaluate with this config to the same numbers.
 Quick local run: `--config=configs/mask_rcnn_R50_FPN_3x.py:runlocal`.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _load_sibling(name):
-  """configs/<name>.py as a module, by file path: works whether this file was imported or loaded by path."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
-  spec = importlib.util.spec_from_file_location(f"_mrcnn_jax_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from mrcnn_jax import config_files
 
 
-base = _load_sibling("mask_rcnn_R50_FPN_1x")
+base = config_files.load_sibling(__file__, "mask_rcnn_R50_FPN_1x")
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:

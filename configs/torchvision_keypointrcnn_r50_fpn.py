@@ -30,23 +30,13 @@ Train with torchvision's recipe (global batch 16; an ImageNet ResNet-50 backbone
 Quick local run: `--config=configs/torchvision_keypointrcnn_r50_fpn.py:runlocal`.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _load_sibling(name):
-  """configs/<name>.py as a module, by file path: works whether this file was imported or loaded by path."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
-  spec = importlib.util.spec_from_file_location(f"_mrcnn_jax_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from mrcnn_jax import config_files
 
 
-base = _load_sibling("mask_rcnn_R50_FPN_1x")
-tv_mask = _load_sibling("torchvision_maskrcnn_r50_fpn")
+base = config_files.load_sibling(__file__, "mask_rcnn_R50_FPN_1x")
+tv_mask = config_files.load_sibling(__file__, "torchvision_maskrcnn_r50_fpn")
 
 # An estimate: of the 64,115 train2017 images that hold a person, the >= 10 visible keypoints filter keeps roughly
 # 56k; at batch 16 that is about 3,500 iterations per epoch.

@@ -196,10 +196,224 @@ def run_ops(args) -> list[Row]:
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# model
+# ------------------------------------------------------------------------------------------------------------------
+
+MODEL_CONFIG = REPO / "configs" / "torchvision_maskrcnn_r50_fpn.py"
+IMAGE_HW = (800, 1333)
+STAGES = ("backbone+FPN", "RPN head + proposals", "box head + detect", "mask head")
+
+
+def _load_config(path: pathlib.Path):
+  """get_config() of a config file, loaded by path as the entry points load it."""
+  spec = importlib.util.spec_from_file_location(f"_benchmark_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _peak_rss_gb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+
+
+def _spread_weights(model, seed, torch, torchvision) -> None:
+  """Random FrozenBN statistics, classifier weights spread (as in the parity test) so that the random model returns
+  detections: at 800x1333 it returns the full 100 per image, so both mask heads work on 100 boxes."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for mod in model.modules():
+      if isinstance(mod, torchvision.ops.misc.FrozenBatchNorm2d):
+        c = mod.weight.shape[0]
+        mod.weight.copy_(torch.rand(c, generator=g) * 0.5 + 0.5)
+        mod.bias.copy_(torch.randn(c, generator=g) * 0.1)
+        mod.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+        mod.running_var.copy_(torch.rand(c, generator=g) + 1.0)
+    model.rpn.head.bbox_pred.weight.mul_(0.1)
+    predictor = model.roi_heads.box_predictor
+    predictor.cls_score.weight.mul_(2.0)
+    predictor.cls_score.bias.copy_(torch.randn(predictor.cls_score.bias.shape, generator=g))
+
+
+def _prepare_model_data(data_dir: pathlib.Path, batch: int) -> None:
+  """Weights (state_dict.npz) and torchvision's transformed batch (inputs.npz), shared by the two workers."""
+  import torch
+  import torchvision
+
+  torch.manual_seed(0)
+  model = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
+  _spread_weights(model, 1, torch, torchvision)
+  np.savez(data_dir / "state_dict.npz", **{k: v.numpy() for k, v in model.state_dict().items()})
+  rng = np.random.default_rng(0)
+  images = [torch.tensor(rng.random((3,) + IMAGE_HW, np.float32)) for _ in range(batch)]
+  with torch.no_grad():
+    image_list, _ = model.transform(images)
+  np.savez(data_dir / "inputs.npz", images=image_list.tensors.numpy(), sizes=np.array(image_list.image_sizes))
+
+
+def _worker_torch(data_dir: pathlib.Path, batch: int, repeats: int, stages: bool) -> dict:
+  import torch
+  import torchvision
+  from torchvision.models.detection.image_list import ImageList
+  from torchvision.models.detection.roi_heads import maskrcnn_inference
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  model = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
+  with np.load(data_dir / "state_dict.npz") as sd:
+    model.load_state_dict({k: torch.from_numpy(sd[k]) for k in sd.files})
+  with np.load(data_dir / "inputs.npz") as inputs:
+    image_list = ImageList(torch.from_numpy(inputs["images"][:batch]).contiguous(),
+                           [tuple(int(v) for v in hw) for hw in inputs["sizes"][:batch]])
+  sizes = image_list.image_sizes
+
+  @torch.no_grad()
+  def forward():
+    feats = model.backbone(image_list.tensors)
+    proposals, _ = model.rpn(image_list, feats)
+    detections, _ = model.roi_heads(feats, proposals, sizes)
+    return detections
+
+  ms = time_torch(forward, repeats)
+  detections = forward()
+  result = {"ms": ms, "peak_rss_gb": _peak_rss_gb(), "detections": [len(d["boxes"]) for d in detections]}
+  np.savez(data_dir / f"boxes_torch_b{batch}.npz", *[d["boxes"].numpy() for d in detections])
+  if stages:
+    rh = model.roi_heads
+
+    @torch.no_grad()
+    def staged():
+      t = [time.perf_counter()]
+      feats = model.backbone(image_list.tensors)
+      t.append(time.perf_counter())
+      proposals, _ = model.rpn(image_list, feats)
+      t.append(time.perf_counter())
+      x = rh.box_head(rh.box_roi_pool(feats, proposals, sizes))
+      class_logits, box_regression = rh.box_predictor(x)
+      boxes, _, labels = rh.postprocess_detections(class_logits, box_regression, proposals, sizes)
+      t.append(time.perf_counter())
+      mask_logits = rh.mask_predictor(rh.mask_head(rh.mask_roi_pool(feats, boxes, sizes)))
+      maskrcnn_inference(mask_logits, labels)
+      t.append(time.perf_counter())
+      return np.diff(t)
+
+    staged()  # warm-up
+    runs = np.array([staged() for _ in range(repeats)])
+    result["stages"] = {name: [1e3 * float(np.median(runs[:, i])), None] for i, name in enumerate(STAGES)}
+  return result
+
+
+def _worker_jax(data_dir: pathlib.Path, batch: int, repeats: int, stages: bool) -> dict:
+  from mrcnn_jax.convert import torchvision as tv_convert
+  from mrcnn_jax.modeling import mask_rcnn
+  from mrcnn_jax.modeling.box_head import detect
+  from mrcnn_jax.modeling.mask_head import select_class_masks
+
+  config = _load_config(MODEL_CONFIG)
+  variables = jax.device_put(tv_convert.convert_state_dict(tv_convert.load_state_dict_file(data_dir / "state_dict.npz")))
+  with np.load(data_dir / "inputs.npz") as inputs:
+    images = jnp.asarray(np.ascontiguousarray(inputs["images"][:batch].transpose(0, 2, 3, 1)))
+    info = jnp.asarray(np.array([[h, w, 1, 1, h, w] for h, w in inputs["sizes"][:batch]], np.float32))
+
+  infer = mask_rcnn.build_infer(config)
+  ms, compile_s = time_jax(infer, (variables, images, info), repeats)
+  out = jax.device_get(infer(variables, images, info))
+  result = {"ms": ms, "compile_s": compile_s, "peak_rss_gb": _peak_rss_gb(),
+            "detections": [int(v.sum()) for v in out["valid"]]}
+  np.savez(data_dir / f"boxes_jax_b{batch}.npz", *[b[v] for b, v in zip(out["boxes"], out["valid"])])
+  if stages:
+    model = mask_rcnn.MaskRCNN(config.model)
+    cfg = config.model
+    canvas_hw = tuple(images.shape[1:3])
+
+    # The pieces of MaskRCNN.infer, each run through model.apply on its own (the library is not changed).
+    def features(module, images):
+      return module.features(images)
+
+    def proposals(module, feats, info):
+      boxes, _, valid = module.proposals(feats, info[:, :2], canvas_hw)
+      return boxes, valid
+
+    def box_head(module, feats, boxes, valid, info):
+      logits, deltas = module.box_head(module.pool(feats, boxes, cfg.pooler.box_resolution))
+      rh = cfg.roi_heads
+      return detect(logits, deltas, boxes, valid, info[:, :2], score_thresh=rh.score_thresh_test,
+                    nms_thresh=rh.nms_thresh_test, detections_per_image=rh.detections_per_image,
+                    min_box_size=rh.min_box_size_test, box_weights=tuple(rh.box_weights))
+
+    def mask_head(module, feats, boxes, classes):
+      return select_class_masks(module.mask_head(module.pool(feats, boxes, cfg.pooler.mask_resolution)), classes)
+
+    def stage(fn):
+      return jax.jit(lambda v, *args: model.apply(v, *args, method=fn))
+
+    fns = [stage(f) for f in (features, proposals, box_head, mask_head)]
+    feats = fns[0](variables, images)
+    boxes, valid = fns[1](variables, feats, info)
+    det = fns[2](variables, feats, boxes, valid, info)
+    stage_args = [(variables, images), (variables, feats, info), (variables, feats, boxes, valid, info),
+                  (variables, feats, det["boxes"], det["classes"])]
+    result["stages"] = {name: list(time_jax(fn, args, repeats))
+                        for name, fn, args in zip(STAGES, fns, stage_args)}
+  return result
+
+
+def _matched(data_dir: pathlib.Path, batch: int) -> tuple[int, int]:
+  """(our detections whose box has IoU > 0.99 with one of torchvision's, our detections), over the batch."""
+  hits = total = 0
+  with np.load(data_dir / f"boxes_jax_b{batch}.npz") as ours, np.load(data_dir / f"boxes_torch_b{batch}.npz") as tv:
+    for key in ours.files:
+      a, b = ours[key], tv[key]
+      total += len(a)
+      if not len(a) or not len(b):
+        continue
+      lt = np.maximum(a[:, None, :2], b[None, :, :2])
+      rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+      inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
+      area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+      iou = inter / (area(a)[:, None] + area(b)[None, :] - inter)
+      hits += int((iou.max(1) > 0.99).sum())
+  return hits, total
+
+
+def run_model_worker(args) -> dict:
+  worker = _worker_jax if args.only == "jax" else _worker_torch
+  return worker(args.data, args.batch, args.repeats, args.stages)
+
+
+def run_model(args) -> list[Row]:
+  rows = []
+  with tempfile.TemporaryDirectory(prefix="mrcnn_jax_benchmark_") as tmp:
+    data_dir = pathlib.Path(tmp)
+    _prepare_model_data(data_dir, max(args.batches))
+    for batch in args.batches:
+      res = {}
+      for side in ("torch", "jax"):
+        cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "model", "--only", side, "--data", tmp,
+               "--batch", str(batch), "--repeats", str(args.repeats)] + (["--stages"] if batch == 1 else [])
+        print(f"model batch {batch}: {side} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, cwd=REPO)
+        res[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+      j, t = res["jax"], res["torch"]
+      hits, total = _matched(data_dir, batch)
+      note = (f"peak RSS jax {j['peak_rss_gb']:.1f} GB / torch {t['peak_rss_gb']:.1f} GB; detections jax "
+              f"{'+'.join(map(str, j['detections']))} / torch {'+'.join(map(str, t['detections']))}, "
+              f"{hits}/{total} matched at IoU>0.99")
+      rows.append(Row(f"mask_rcnn R50-FPN batch {batch} 800x1344", j["ms"], t["ms"], j["compile_s"], note))
+      if "stages" in j:
+        total_j = sum(v[0] for v in j["stages"].values())
+        total_t = sum(v[0] for v in t["stages"].values())
+        for name in STAGES:
+          (ms, cs), t_ms = j["stages"][name], t["stages"][name][0]
+          rows.append(Row(f"  batch {batch} stage: {name}", ms, t_ms, cs,
+                          f"{100 * ms / total_j:.0f}% of our stage sum / {100 * t_ms / total_t:.0f}% of torch's"))
+  return rows
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------------------------------
 
-GROUPS = {"ops": run_ops}
+GROUPS = {"ops": run_ops, "model": run_model}
+DEFAULT_REPEATS = {"ops": 7, "model": 5}
 
 
 def print_table(rows: list[Row]) -> None:
@@ -221,12 +435,27 @@ def write_json_atomically(path: pathlib.Path, payload) -> None:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("group", nargs="?", default="ops", choices=sorted(GROUPS))
-  parser.add_argument("--repeats", type=int, default=7, help="warm runs per figure (median); at least 5")
+  parser.add_argument("--repeats", type=int, help="warm runs per figure (median); at least 5 (default: ops 7, "
+                      "model 5)")
   parser.add_argument("--impl", default="xla", choices=["xla", "pallas"], help="RoIAlign implementation to time")
+  parser.add_argument("--batches", type=int, nargs="+", default=[1, 2], help="model: batch sizes to time")
   parser.add_argument("--json", type=pathlib.Path, help="also write the rows here (atomically)")
+  # The model group's workers (one subprocess per side and batch): print their result as JSON on the last line.
+  parser.add_argument("--only", choices=["jax", "torch"], help=argparse.SUPPRESS)
+  parser.add_argument("--data", type=pathlib.Path, help=argparse.SUPPRESS)
+  parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+  parser.add_argument("--stages", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.repeats is None:
+    args.repeats = DEFAULT_REPEATS[args.group]
   if args.repeats < 5:
     parser.error("--repeats must be at least 5")
+  if args.only:
+    if args.only == "jax":
+      _import_jax()
+    print(json.dumps(run_model_worker(args)))
+    return 0
+  _import_jax()
   print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"{os.cpu_count()} cores, python {sys.version.split()[0]}", flush=True)
   rows = GROUPS[args.group](args)

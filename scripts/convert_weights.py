@@ -21,11 +21,12 @@ is written; the output directory appears complete or not at all. Exit status 0 o
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 import sys
 
 import numpy as np
+
+from mrcnn_jax import config_files
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
@@ -60,16 +61,10 @@ def load_config(spec: str):
 
   A relative path that does not exist from the working directory is looked up from the repository root.
   """
-  path, sep, arg = spec.partition(":")
-  file = pathlib.Path(path)
-  if not file.exists() and not file.is_absolute() and (REPO / file).exists():
-    file = REPO / file
-  if not file.is_file():
-    raise ConversionError(f"no such config file: {path}")
-  module_spec = importlib.util.spec_from_file_location(f"_convert_weights_config_{file.stem}", file)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if sep else module.get_config()
+  try:
+    return config_files.load_config(spec, search_root=REPO)
+  except FileNotFoundError as e:
+    raise ConversionError(str(e)) from None
 
 
 def read_state_dict(source: str, path: pathlib.Path) -> dict:
