@@ -30,8 +30,8 @@ def _size(text: str) -> tuple[int, int]:
     raise argparse.ArgumentTypeError(f"--size takes S or HxW, got {text!r}") from None
   if len(parts) == 1:
     parts = parts * 2
-  if len(parts) != 2 or min(parts) < 32:
-    raise argparse.ArgumentTypeError(f"--size takes S or HxW with sides >= 32, got {text!r}")
+  if len(parts) != 2 or min(parts) < shapes.MIN_SIDE:
+    raise argparse.ArgumentTypeError(f"--size takes S or HxW with sides >= {shapes.MIN_SIDE}, got {text!r}")
   return parts[0], parts[1]
 
 

@@ -45,6 +45,7 @@ MAX_INSTANCES = 8
 # three classes similar areas). Below ~16 px a 28x28 mask head has little to learn from and mask AP falls.
 SIZE_RANGE = (16.0, 48.0)
 REFERENCE_SIDE = 128.0
+MIN_SIDE = 64
 # A shape may be hidden by later shapes up to this fraction of its in-image area: occlusion stays moderate, so a
 # visible part still shows the class.
 MAX_OCCLUDED_FRACTION = 0.4
@@ -155,7 +156,7 @@ def _pick_hue(rng: np.random.Generator, neighbour_hues: Sequence[float]) -> floa
 def make_image(rng: np.random.Generator, size_hw: tuple[int, int] = (128, 128)) -> tuple[np.ndarray, list[dict]]:
   """Draw one image and its instances.
 
-  rng: the image's own generator (everything is drawn from it). size_hw: (H, W).
+  rng: the image's own generator (everything is drawn from it). size_hw: (H, W), each side at least MIN_SIDE.
   Returns (image, instances): image (H, W, 3) uint8 RGB; instances in drawing order (later ones on top), 1 to
   MAX_INSTANCES dicts with
     category_id: int in 1..len(CLASSES) (CLASSES[category_id - 1] is its name),
@@ -165,13 +166,16 @@ def make_image(rng: np.random.Generator, size_hw: tuple[int, int] = (128, 128)) 
     color: (r, g, b) ints, the shape's fill colour.
   """
   h, w = size_hw
+  if min(h, w) < MIN_SIDE:
+    raise ValueError(f"shapes images need sides of at least {MIN_SIDE} px, got {size_hw}")
   scale = min(h, w) / REFERENCE_SIDE
   canvas = _background(rng, size_hw)
   wanted = int(rng.integers(1, MAX_INSTANCES + 1))
   # Per placed shape: category id, hue, colour, in-image area when drawn, and its current visible mask.
   placed: list[dict] = []
   for _ in range(wanted):
-    for _ in range(PLACEMENT_TRIES):
+    # The first shape always fits somewhere (nothing to occlude yet); more tries make sure no image comes out empty.
+    for _ in range(PLACEMENT_TRIES if placed else 20 * PLACEMENT_TRIES):
       category_id = int(rng.integers(1, len(CLASSES) + 1))
       size = float(rng.uniform(*SIZE_RANGE)) * scale
       # The centre stays at least a quarter of the extent inside each border: shapes may leave the image a little.
@@ -205,6 +209,8 @@ def make_image(rng: np.random.Generator, size_hw: tuple[int, int] = (128, 128)) 
   canvas += rng.normal(0.0, PIXEL_NOISE_STD, canvas.shape).astype(np.float32)
   image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
 
+  if not placed:
+    raise RuntimeError(f"no shape could be placed in a {size_hw} image")  # unreachable for sides >= MIN_SIDE
   instances = []
   for p in placed:
     area = int(p["mask"].sum())
