@@ -49,6 +49,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   model.num_classes = 80  # foreground classes K: labels 1..K, 0 is background
   model.label_space = "contiguous"  # labels 1..80 map to COCO category ids through the dataset ("coco_ids": equal)
   model.compute_dtype = "float32"  # "bfloat16" on accelerators; params stay float32
+  # Loss normalization and mask targets: "detectron2" (RPN losses / (anchors per image x images), binary mask
+  # targets) | "torchvision" (RPN losses / sampled anchors, soft mask targets). See modeling/losses.py.
+  model.loss_convention = "detectron2"
 
   model.backbone = ml_collections.ConfigDict()
   model.backbone.depth = 50  # 50 | 101

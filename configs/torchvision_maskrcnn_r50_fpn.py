@@ -49,6 +49,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   model = config.model
   model.num_classes = 90  # torchvision's num_classes=91 counts the background
   model.label_space = "coco_ids"
+  model.loss_convention = "torchvision"
   model.backbone.stride_in_1x1 = False
   model.anchors.convention = "torchvision"
   model.rpn.post_nms_topk_train = 2000

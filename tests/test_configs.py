@@ -217,7 +217,8 @@ VARIANTS = {
         "model.num_classes": 1, "model.rpn.post_nms_topk_train": 1500, "model.roi_heads.smooth_l1_beta": 0.5,
         "model.mask_head.enabled": False, "model.keypoint_head.enabled": True}),
     "torchvision_maskrcnn_r50_fpn": (BASE, {
-        "model.num_classes": 90, "model.label_space": "coco_ids", "model.backbone.stride_in_1x1": False,
+        "model.num_classes": 90, "model.label_space": "coco_ids", "model.loss_convention": "torchvision",
+        "model.backbone.stride_in_1x1": False,
         "model.anchors.convention": "torchvision", "model.rpn.post_nms_topk_train": 2000,
         "model.rpn.min_size": 1e-3, "model.rpn.score_thresh": 0.0, "model.rpn.smooth_l1_beta": 1 / 9,
         "model.roi_heads.min_box_size_test": 1e-2, "model.roi_heads.bbox_reg_background": True,

@@ -6,7 +6,9 @@ I/O contract:
   1..K, valid (B, D) bool; masks (B, D, 28, 28) float32 probabilities of each detection's class when the mask head
   is on; keypoints (B, D, 17, 3) (x, y, score) when the keypoint head is on. One jitted program.
   image_info rows are [valid_h, valid_w, scale_h, scale_w, orig_h, orig_w] (see `data.transforms.preprocess`).
-- Training (losses) arrives with the trainer.
+- `MaskRCNN.losses(batch, key)` (train mode) -> dict of named losses (Detectron2's names: loss_rpn_cls,
+  loss_rpn_loc, loss_cls, loss_box_reg, loss_mask) and total_loss; batch is the dict of fixed-shape arrays of
+  `data.pipeline.train_example` (image, image_info, gt_boxes, gt_classes, gt_valid, gt_is_crowd, gt_masks, ...).
 
 Variables: `params` (everything trained) and `batch_stats` (frozen / running norm statistics).
 """
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from mrcnn_jax.modeling import losses as loss_fns
 from mrcnn_jax.modeling.box_head import BoxHead, detect
 from mrcnn_jax.modeling.fpn import FPN
 from mrcnn_jax.modeling.keypoint_head import KeypointHead, heatmaps_to_keypoints
@@ -27,6 +30,7 @@ from mrcnn_jax.modeling.mask_head import MaskHead, select_class_masks
 from mrcnn_jax.modeling.resnet import ResNet
 from mrcnn_jax.modeling.rpn import RPNHead, generate_proposals
 from mrcnn_jax.ops import anchors as anchor_ops
+from mrcnn_jax.ops import matching
 from mrcnn_jax.ops import roi_align as roi_ops
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -121,6 +125,66 @@ class MaskRCNN(nn.Module):
     if cfg.keypoint_head.enabled:
       heatmaps = self.keypoint_head(self.pool(feats, out["boxes"], cfg.pooler.keypoint_resolution))
       out["keypoints"] = heatmaps_to_keypoints(heatmaps, out["boxes"])
+    return out
+
+
+  # -- training -----------------------------------------------------------------------------------------------------
+
+  def losses(self, batch, key):
+    cfg = self.config
+    convention = cfg.loss_convention
+    if cfg.keypoint_head.enabled:
+      raise NotImplementedError("the keypoint loss is not implemented yet; train with keypoint_head.enabled=False")
+    images = batch["image"]
+    b = images.shape[0]
+    image_hw = batch["image_info"][:, :2]
+    gt_boxes = batch["gt_boxes"]
+    matchable = batch["gt_valid"] & ~batch["gt_is_crowd"]
+    rpn_key, roi_key = jax.random.split(key)
+    feats = self.features(images)
+
+    # RPN: targets for every anchor of every level at once.
+    r = cfg.rpn
+    levels = range(cfg.fpn.min_level, cfg.fpn.max_level + 1)
+    logits, deltas = self.rpn([feats[l] for l in levels])
+    level_anchors = self.anchors(images.shape[1:3])
+    anchors = jnp.asarray(np.concatenate(level_anchors, axis=0))
+    matcher = matching.Matcher(tuple(r.iou_thresholds), tuple(r.iou_labels), True)
+    targets = jax.vmap(lambda k, g, m: loss_fns.rpn_targets(
+        k, anchors, g, m, matcher=matcher, batch_size_per_image=r.batch_size_per_image,
+        positive_fraction=r.positive_fraction, box_weights=tuple(r.box_weights)))(
+            jax.random.split(rpn_key, b), gt_boxes, matchable)
+    beta = r.smooth_l1_beta if r.loss_type == "smooth_l1" else 0.0
+    out = loss_fns.rpn_losses(jnp.concatenate(logits, axis=1), jnp.concatenate(deltas, axis=1), *targets,
+                              batch_size_per_image=r.batch_size_per_image, smooth_l1_beta=beta,
+                              convention=convention)
+
+    # Proposals (no gradient flows into them, as in both reference implementations).
+    proposals, _, proposal_valid = generate_proposals(
+        [jax.lax.stop_gradient(x) for x in logits], [jax.lax.stop_gradient(x) for x in deltas], level_anchors,
+        image_hw, pre_nms_topk=r.pre_nms_topk_train, post_nms_topk=r.post_nms_topk_train, nms_thresh=r.nms_thresh,
+        min_size=r.min_size, score_thresh=r.score_thresh, box_weights=tuple(r.box_weights),
+        sigmoid_scores=cfg.anchors.convention == "torchvision")
+
+    # Box head on sampled RoIs.
+    rh = cfg.roi_heads
+    samples = jax.vmap(lambda k, p, v, g, c, m: loss_fns.sample_rois(
+        k, p, v, g, c, m, iou_threshold=rh.iou_threshold, batch_size_per_image=rh.batch_size_per_image,
+        positive_fraction=rh.positive_fraction, append_gt=rh.proposal_append_gt,
+        box_weights=tuple(rh.box_weights)))(
+            jax.random.split(roi_key, b), proposals, proposal_valid, gt_boxes, batch["gt_classes"], matchable)
+    cls_logits, box_deltas = self.box_head(self.pool(feats, samples["rois"], cfg.pooler.box_resolution))
+    out.update(loss_fns.fast_rcnn_losses(cls_logits, box_deltas, samples, smooth_l1_beta=rh.smooth_l1_beta))
+
+    # Mask head on the foreground RoIs, which `sample_rois` puts in the first slots.
+    if cfg.mask_head.enabled:
+      f = int(rh.batch_size_per_image * rh.positive_fraction)
+      fg = {k: v[:, :f] for k, v in samples.items()}
+      mask_logits = self.mask_head(self.pool(feats, fg["rois"], cfg.pooler.mask_resolution))
+      out.update(loss_fns.mask_loss(
+          mask_logits, fg["rois"], fg["classes"], fg["matched"], fg["valid"] & (fg["classes"] > 0),
+          batch["gt_masks"], gt_boxes, convention=convention))
+    out["total_loss"] = sum(out.values())
     return out
 
 

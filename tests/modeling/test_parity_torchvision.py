@@ -21,21 +21,31 @@ torch = pytest.importorskip("torch", reason="torchvision is the parity oracle; i
 torchvision = pytest.importorskip("torchvision", reason="torchvision is the parity oracle")
 
 
-def _spread_weights(model, seed):
-  """Random BatchNorm statistics, and classifier weights spread so that scores are neither tied nor saturated and
-  the model returns many detections over several classes."""
+def _spread_weights(model, seed, images):
+  """Random BatchNorm statistics and a classifier spread so that scores are neither tied nor saturated and the model
+  returns many detections over several classes.
+
+  Built without pretrained weights, torchvision's backbone uses nn.BatchNorm2d (in eval mode it computes what
+  FrozenBatchNorm2d does). Its affine parameters are drawn at random, and its statistics are set to those of the
+  test images layer by layer (one forward pass with momentum 1), so that activations keep a trained network's scale
+  through the 50 layers rather than vanishing or exploding.
+  """
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
-    for mod in model.modules():
-      if isinstance(mod, torchvision.ops.misc.FrozenBatchNorm2d):
-        c = mod.weight.shape[0]
-        mod.weight.copy_(torch.rand(c, generator=g) * 0.5 + 0.5)
-        mod.bias.copy_(torch.randn(c, generator=g) * 0.1)
-        mod.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
-        mod.running_var.copy_(torch.rand(c, generator=g) + 1.0)
+    norms = [m for m in model.backbone.body.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for mod in norms:
+      c = mod.weight.shape[0]
+      mod.weight.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
+      mod.bias.copy_(torch.randn(c, generator=g) * 0.2)
+      mod.momentum = 1.0
+      mod.train()
+    image_list, _ = model.transform([torch.tensor(im) for im in images])
+    model.backbone.body(image_list.tensors)
+    for mod in norms:
+      mod.eval()
     model.rpn.head.bbox_pred.weight.mul_(0.1)
     predictor = model.roi_heads.box_predictor
-    predictor.cls_score.weight.mul_(2.0)
+    predictor.cls_score.weight.mul_(10.0)
     predictor.cls_score.bias.copy_(torch.randn(predictor.cls_score.bias.shape, generator=g))
 
 
@@ -68,9 +78,9 @@ def mask_rcnn_run():
   torch.manual_seed(0)
   model = torchvision.models.detection.maskrcnn_resnet50_fpn(
       weights=None, weights_backbone=None, min_size=320, max_size=512).eval()
-  _spread_weights(model, seed=1)
   rng = np.random.default_rng(0)
   images = [rng.random((3, 480, 640), np.float32), rng.random((3, 600, 400), np.float32)]
+  _spread_weights(model, 1, images)
   from conftest import load_config
 
   return _run_both(model, load_config("torchvision_maskrcnn_r50_fpn"), images)
@@ -131,11 +141,11 @@ def keypoint_rcnn_run():
   torch.manual_seed(0)
   model = torchvision.models.detection.keypointrcnn_resnet50_fpn(
       weights=None, weights_backbone=None, min_size=320, max_size=512).eval()
-  _spread_weights(model, seed=2)
-  with torch.no_grad():  # one foreground class: lift it so that many boxes pass the 0.05 score threshold
-    model.roi_heads.box_predictor.cls_score.bias.copy_(torch.tensor([0.0, 4.0]))
   rng = np.random.default_rng(1)
   images = [rng.random((3, 480, 640), np.float32), rng.random((3, 600, 400), np.float32)]
+  _spread_weights(model, 2, images)
+  with torch.no_grad():  # one foreground class: lift it so that many boxes pass the 0.05 score threshold
+    model.roi_heads.box_predictor.cls_score.bias.copy_(torch.tensor([0.0, 4.0]))
   from conftest import load_config
 
   return _run_both(model, load_config("torchvision_keypointrcnn_r50_fpn"), images)
@@ -168,9 +178,9 @@ def test_predictor_end_to_end_matches_torchvision():
   torch.manual_seed(0)
   model = torchvision.models.detection.maskrcnn_resnet50_fpn(
       weights=None, weights_backbone=None, min_size=320, max_size=512).eval()
-  _spread_weights(model, seed=3)
   rng = np.random.default_rng(2)
   images = [rng.random((480, 640, 3), np.float32), rng.random((600, 400, 3), np.float32)]
+  _spread_weights(model, 3, [im.transpose(2, 0, 1) for im in images])
   with torch.no_grad():
     want = model([torch.tensor(im).permute(2, 0, 1) for im in images])
   config = load_config("torchvision_maskrcnn_r50_fpn")
