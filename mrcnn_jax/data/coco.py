@@ -51,7 +51,7 @@ class CocoSource:
     path of the image (image_dir joined with the JSON's file_name).
   category_map: the dataset's category ids <-> contiguous labels 1..K.
   coco: the pycocotools `COCO` object over the whole file (all images, all annotations, nothing dropped), for
-    evaluation with COCOeval.
+    evaluation with COCOeval. Not pickled (None in a copy sent to a loader worker).
   stats: counts: images (in the file), kept (records), skipped_empty, instances (kept), crowd (kept crowd
     instances), dropped_small_boxes, dropped_invalid_polygons (instances left without a valid mask),
     removed_polygons (individual invalid polygons removed, whether or not their instance survived).
@@ -65,6 +65,13 @@ class CocoSource:
   annotation_file: str
   image_dir: str
   num_keypoints: int | None = None
+
+  def __getstate__(self):
+    # The input pipeline pickles the source into every worker process; the pycocotools index (gigabytes for COCO
+    # train) is only for evaluation, so it stays behind.
+    state = dict(self.__dict__)
+    state["coco"] = None
+    return state
 
   def load_image(self, record: ImageRecord) -> np.ndarray:
     """The record's image as (H, W, 3) uint8 RGB. Raises FileNotFoundError / ValueError naming the file (see

@@ -445,3 +445,16 @@ def test_image_of_another_size_names_the_file(tmp_path):
   source = coco_lib.load_coco(path, image_dir, train=True)
   with pytest.raises(ValueError, match=f"000001.png decodes to height x width {H + 1} x {W}.* says {H} x {W}"):
     source.load_image(source.records[0])
+
+
+def test_pickled_source_leaves_the_coco_index_behind(tmp_path):
+  import pickle
+
+  from mrcnn_jax.data import shapes
+
+  paths = shapes.write_dataset(tmp_path / "shapes", 2, 1, seed=0)
+  source = coco_lib.load_coco(paths["train_annotations"], paths["train_images"], train=True)
+  copy = pickle.loads(pickle.dumps(source))
+  assert source.coco is not None and copy.coco is None
+  assert [r.image_id for r in copy.records] == [r.image_id for r in source.records]
+  np.testing.assert_array_equal(copy.load_image(copy.records[0]), source.load_image(source.records[0]))
