@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import pathlib
@@ -204,14 +203,6 @@ IMAGE_HW = (800, 1333)
 STAGES = ("backbone+FPN", "RPN head + proposals", "box head + detect", "mask head")
 
 
-def _load_config(path: pathlib.Path):
-  """get_config() of a config file, loaded by path as the entry points load it."""
-  spec = importlib.util.spec_from_file_location(f"_benchmark_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def _peak_rss_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
 
@@ -302,13 +293,16 @@ def _worker_torch(data_dir: pathlib.Path, batch: int, repeats: int, stages: bool
 
 
 def _worker_jax(data_dir: pathlib.Path, batch: int, repeats: int, stages: bool) -> dict:
+  from mrcnn_jax import config_files
   from mrcnn_jax.convert import torchvision as tv_convert
   from mrcnn_jax.modeling import mask_rcnn
   from mrcnn_jax.modeling.box_head import detect
   from mrcnn_jax.modeling.mask_head import select_class_masks
 
-  config = _load_config(MODEL_CONFIG)
-  variables = jax.device_put(tv_convert.convert_state_dict(tv_convert.load_state_dict_file(data_dir / "state_dict.npz")))
+  config = config_files.load_config(str(MODEL_CONFIG))  # by path, as the entry points load it
+  state_dict = tv_convert.load_state_dict_file(data_dir / "state_dict.npz")
+  variables = jax.device_put(tv_convert.convert_state_dict(state_dict))
+  del state_dict
   with np.load(data_dir / "inputs.npz") as inputs:
     images = jnp.asarray(np.ascontiguousarray(inputs["images"][:batch].transpose(0, 2, 3, 1)))
     info = jnp.asarray(np.array([[h, w, 1, 1, h, w] for h, w in inputs["sizes"][:batch]], np.float32))
@@ -342,17 +336,19 @@ def _worker_jax(data_dir: pathlib.Path, batch: int, repeats: int, stages: bool) 
     def mask_head(module, feats, boxes, classes):
       return select_class_masks(module.mask_head(module.pool(feats, boxes, cfg.pooler.mask_resolution)), classes)
 
-    def stage(fn):
-      return jax.jit(lambda v, *args: model.apply(v, *args, method=fn))
+    # Each stage is timed (compile first) before it is called for the next stage's inputs: a call before
+    # lower().compile() would leave the executable in JAX's cache and hide the compile time.
+    result["stages"] = {}
 
-    fns = [stage(f) for f in (features, proposals, box_head, mask_head)]
-    feats = fns[0](variables, images)
-    boxes, valid = fns[1](variables, feats, info)
-    det = fns[2](variables, feats, boxes, valid, info)
-    stage_args = [(variables, images), (variables, feats, info), (variables, feats, boxes, valid, info),
-                  (variables, feats, det["boxes"], det["classes"])]
-    result["stages"] = {name: list(time_jax(fn, args, repeats))
-                        for name, fn, args in zip(STAGES, fns, stage_args)}
+    def run(name, fn, *args):
+      jitted = jax.jit(lambda v, *a: model.apply(v, *a, method=fn))
+      result["stages"][name] = list(time_jax(jitted, (variables,) + args, repeats))
+      return jitted(variables, *args)
+
+    feats = run(STAGES[0], features, images)
+    boxes, valid = run(STAGES[1], proposals, feats, info)
+    det = run(STAGES[2], box_head, feats, boxes, valid, info)
+    run(STAGES[3], mask_head, feats, det["boxes"], det["classes"])
   return result
 
 
@@ -389,9 +385,12 @@ def run_model(args) -> list[Row]:
       for side in ("torch", "jax"):
         cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "model", "--only", side, "--data", tmp,
                "--batch", str(batch), "--repeats", str(args.repeats)] + (["--stages"] if batch == 1 else [])
-        print(f"model batch {batch}: {side} ...", file=sys.stderr, flush=True)
+        start, load = time.perf_counter(), os.getloadavg()[0]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, cwd=REPO)
         res[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+        # Other processes on the machine skew the figures: the load average says whether they were there.
+        print(f"model batch {batch}, {side}: {time.perf_counter() - start:.0f} s, 1-min load average "
+              f"{load:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", file=sys.stderr, flush=True)
       j, t = res["jax"], res["torch"]
       hits, total = _matched(data_dir, batch)
       note = (f"peak RSS jax {j['peak_rss_gb']:.1f} GB / torch {t['peak_rss_gb']:.1f} GB; detections jax "
