@@ -4,8 +4,9 @@
 Usage:
   python scripts/benchmark.py ops [--repeats 7] [--impl xla|pallas] [--json results.json]
   python scripts/benchmark.py model [--repeats 5] [--batches 1 2] [--json results.json]
+  python scripts/benchmark.py data
 
-Groups (more arrive with the data and trainer):
+Groups (`train` arrives with the trainer):
   ops    RoIAlign (features 1x200x336x256, 1,000 boxes, 7x7, sampling_ratio 2, aligned False/True, forward and
          forward+backward), NMS on 4,000 boxes, paste of 100 28x28 masks into 800x1333.
          On a GPU it also times the Pallas RoIAlign kernel against the XLA path.
@@ -18,6 +19,9 @@ Groups (more arrive with the data and trainer):
          note) is its own. At batch 1 it also times the stages apart (each jitted alone on our side): backbone+FPN,
          RPN head + proposals, box head + detection, mask head (RoIAlign 14x14 included).
          Default --repeats here is 5.
+  data   The training loader (grain, 2 workers): batches/s on COCO-like input (synthetic 640x480 images resized to
+         800x1333 on the 1344x1344 canvas, batch 2) and on the shapes set (128x128, batch 8), and the per-image cost
+         of decode, resize and the whole train_example (resize, flip, normalize, pad, mask crops). No torch side.
 
 torch runs with as many threads as JAX's CPU client uses (all cores). The ratio column is mrcnn_jax / torchvision:
 below 1.0 means mrcnn_jax is faster. torch and torchvision are needed here (the `parity` extra); the library itself
@@ -411,8 +415,75 @@ def run_model(args) -> list[Row]:
 # main
 # ------------------------------------------------------------------------------------------------------------------
 
-GROUPS = {"ops": run_ops, "model": run_model}
-DEFAULT_REPEATS = {"ops": 7, "model": 5}
+
+# ------------------------------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _bench_loader(name, source, input_cfg, batch_size, num_batches, num_workers) -> list[Row]:
+  """Batches per second of the training loader, and the per-image cost of its steps (decode, resize, mask crop)."""
+  from mrcnn_jax.data import pipeline, transforms
+
+  loader = pipeline.make_train_loader(source, input_cfg, global_batch_size=batch_size, seed=0,
+                                      num_workers=num_workers, shard_options=_single_shard())
+  it = iter(loader)
+  next(it)  # the workers start (and import their modules) here
+  start = time.perf_counter()
+  for _ in range(num_batches):
+    next(it)
+  seconds = time.perf_counter() - start
+  del it
+  per_batch_ms = 1e3 * seconds / num_batches
+  rows = [Row(f"data {name}: loader batch {batch_size}, {num_workers} workers", per_batch_ms, None, 0.0,
+              f"{num_batches / seconds:.2f} batches/s = {batch_size * num_batches / seconds:.1f} images/s")]
+  # Per-image steps, in this process, over a few records.
+  records = source.records[:8]
+  images = [source.load_image(r) for r in records]
+  rng = np.random.default_rng(0)
+  decode = _median_ms(lambda: [source.load_image(r) for r in records], 5) / len(records)
+  h, w = images[0].shape[:2]
+  size = transforms.output_size(h, w, max(input_cfg.min_size_train), input_cfg.max_size_train,
+                                input_cfg.resize_mode)
+  resize = _median_ms(lambda: [transforms.resize_image(im, size, input_cfg.resize_mode) for im in images], 5)
+  resize /= len(images)
+  example = _median_ms(lambda: [pipeline.train_example(r, im, input_cfg, rng) for r, im in zip(records, images)], 5)
+  example /= len(records)
+  n = sum(r.num_instances for r in records) / len(records)
+  rows.append(Row(f"data {name}: per image decode / resize / whole train_example", example, None, 0.0,
+                  f"decode {decode:.1f} ms, resize {resize:.1f} ms, train_example {example:.1f} ms "
+                  f"(resize, flip, normalize, pad, {n:.1f} mask crops)"))
+  return rows
+
+
+def _single_shard():
+  import grain.python as grain
+
+  return grain.ShardOptions(shard_index=0, shard_count=1, drop_remainder=True)
+
+
+def run_data(args) -> list[Row]:
+  from mrcnn_jax import config_files
+  from mrcnn_jax.data import coco, shapes
+
+  config = config_files.load_config(str(REPO / "configs" / "mask_rcnn_R50_FPN_1x.py"))
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    # COCO-like: 640x480 images resized to the COCO training sizes on the 1344x1344 canvas.
+    paths = shapes.write_dataset(pathlib.Path(tmp) / "coco_like", 48, 0, seed=0, size_hw=(480, 640))
+    source = coco.load_coco(paths["train_annotations"], paths["train_images"], train=True)
+    rows += _bench_loader("640x480 -> 800x1333 (canvas 1344)", source, config.input, 2, 20, 2)
+    # The shapes set at its own size.
+    paths = shapes.write_dataset(pathlib.Path(tmp) / "shapes", 256, 0, seed=0)
+    source = coco.load_coco(paths["train_annotations"], paths["train_images"], train=True)
+    small = config.input
+    small.min_size_train, small.max_size_train, small.canvas_hw = (128,), 128, (128, 128)
+    rows += _bench_loader("shapes 128x128", source, small, 8, 30, 2)
+  return rows
+
+
+GROUPS = {"ops": run_ops, "model": run_model, "data": run_data}
+DEFAULT_REPEATS = {"ops": 7, "model": 5, "data": 5}
 
 
 def print_table(rows: list[Row]) -> None:
