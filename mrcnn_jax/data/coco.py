@@ -162,19 +162,19 @@ def load_coco(annotation_file, image_dir, *, train: bool, skip_empty: bool = Tru
   return CocoSource(records, category_map, coco, stats, annotation_file, image_dir, num_keypoints)
 
 
-def read_image(path, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
-  """Decode an image file to (H, W, 3) uint8 RGB.
+def read_image(path, expected_hw: tuple[int, int] | None = None, *, data: bytes | None = None) -> np.ndarray:
+  """Decode an image file (or its encoded bytes, `data`, with `path` naming it in messages) to (H, W, 3) uint8 RGB.
 
   Grayscale, palette, RGBA (alpha dropped, not composited), CMYK and other modes are converted by PIL. The EXIF
   orientation is not applied: COCO's annotations refer to the stored pixel grid, as pycocotools and torchvision read
   it. expected_hw: (height, width) from the annotation file; a decoded image of another size means the annotations
   do not belong to it, so it is an error.
-  Raises FileNotFoundError for a missing file and ValueError for an undecodable or truncated one, or a wrong size;
+  Raises FileNotFoundError for a missing file and ValueError for undecodable or truncated data, or a wrong size;
   every message names the file.
   """
   path = os.fspath(path)
   try:
-    with Image.open(path) as img:
+    with Image.open(path if data is None else io.BytesIO(data)) as img:
       img.load()  # decode now: a truncated file fails here, not later inside np.asarray
       rgb = img if img.mode == "RGB" else img.convert("RGB")
       array = np.asarray(rgb, dtype=np.uint8)

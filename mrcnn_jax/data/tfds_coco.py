@@ -445,17 +445,7 @@ def _decode_record(example: dict, category_map: CategoryMap, num_keypoints, has_
 
 
 def decode_image(data: bytes, where: str, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
-  """Encoded image bytes -> (H, W, 3) uint8 RGB, with the conversions and errors of `coco.read_image` (which takes
-  a path): PIL decodes, any mode is converted to RGB, the EXIF orientation is not applied. `where` names the image
-  in error messages (ValueError for undecodable bytes or a size other than expected_hw)."""
-  try:
-    with Image.open(io.BytesIO(data)) as img:
-      img.load()
-      rgb = img if img.mode == "RGB" else img.convert("RGB")
-      array = np.asarray(rgb, dtype=np.uint8)
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise ValueError(f"cannot decode image {where}: {type(e).__name__}: {e}") from e
-  if expected_hw is not None and tuple(array.shape[:2]) != tuple(expected_hw):
-    raise ValueError(f"image {where} decodes to height x width {array.shape[0]} x {array.shape[1]}, but the "
-                     f"annotation file says {expected_hw[0]} x {expected_hw[1]}")
-  return array
+  """Encoded image bytes -> (H, W, 3) uint8 RGB: `coco.read_image` on the bytes, so both sources decode alike.
+  `where` names the image in error messages."""
+  return coco.read_image(where, expected_hw, data=data)
+

@@ -240,7 +240,7 @@ def test_explicit_split_files_and_bad_images(shapes_set, tmp_path):
   path = tfds_coco.prepare(split_files, tmp_path / "tfds")
   source = tfds_coco.load_tfds_source(path, "validation", train=False)
   assert [r.image_id for r in source.records] == [1, 2, 3]
-  with pytest.raises(ValueError, match=r"cannot decode image 000002\.png \(image id 2, split 'validation'"):
+  with pytest.raises(ValueError, match=r"cannot decode image file 000002\.png \(image id 2, split 'validation'"):
     source.load_image(source.records[1])
   source.load_image(source.records[2])
 
