@@ -46,7 +46,6 @@ example is parsed whole): about the time to read the split's files once (COCO tr
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import pathlib
 import re
@@ -55,7 +54,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-from PIL import Image
 
 from mrcnn_jax.data import coco
 from mrcnn_jax.data.records import CategoryMap, ImageRecord
