@@ -4,7 +4,8 @@
   `loss_rpn_cls` (binary cross-entropy) and `loss_rpn_loc` (smooth L1 / L1 on the deltas of positive anchors).
 - RoI heads: proposals plus the ground-truth boxes, matched at IoU 0.5, 512 sampled per image at 25% foreground;
   `loss_cls` (softmax cross-entropy) and `loss_box_reg` (class-specific deltas, foreground only); `loss_mask`
-  (per-pixel sigmoid cross-entropy on the ground-truth class's 28x28 map, foreground RoIs only).
+  (per-pixel sigmoid cross-entropy on the ground-truth class's 28x28 map, foreground RoIs only); `loss_keypoint`
+  (softmax cross-entropy over the 56x56 positions of each visible keypoint inside its RoI, mean over them).
 
 Crowd boxes and padded ground truth never take part in matching. Normalization follows the config's
 `loss_convention`: "detectron2" divides the RPN losses by the number of anchors that could be sampled
@@ -141,3 +142,80 @@ def mask_loss(mask_logits, rois, classes, matched, foreground, gt_crops, gt_boxe
   weight = foreground.astype(jnp.float32)[..., None, None]
   count = jnp.maximum(jnp.sum(foreground.astype(jnp.float32)) * size * size, 1.0)
   return {"loss_mask": jnp.sum(per_pixel * weight) / count}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Keypoints
+# ------------------------------------------------------------------------------------------------------------------
+
+KEYPOINT_NORMALIZERS = ("visible",)
+
+
+def keypoint_targets(keypoints, rois, heatmap_size: int = 56):
+  """Heatmap targets of keypoints in their RoIs: torchvision's `keypoints_to_heatmap` (= Detectron2's), static shapes.
+
+  Each keypoint maps to the heatmap cell floor((p - roi_min) * S / roi_size) per axis; one lying exactly on the RoI's
+  right (bottom) edge goes to the last column (row). It is a target where that cell is inside the S x S map and the
+  keypoint is labeled (visibility > 0). The RoIs' own validity (padding, background) is the caller's to AND in.
+
+  Args:
+    keypoints: (..., R, K, 3) float32 (x, y, visibility) of the ground truth matched to each RoI, in image pixels.
+    rois: (..., R, 4) XYXY, same leading dims.
+    heatmap_size: S.
+  Returns:
+    targets (..., R, K) int32 flat index y * S + x in [0, S * S) (0 where not valid, as torchvision), and
+    valid (..., R, K) bool.
+  """
+  s = heatmap_size
+  keypoints = jax.lax.stop_gradient(jnp.asarray(keypoints, jnp.float32))
+  rois = jax.lax.stop_gradient(jnp.asarray(rois, jnp.float32))
+  x1, y1, x2, y2 = (rois[..., i, None] for i in range(4))
+
+  def cell(p, lo, hi):
+    # Same float32 operations in the same order as torchvision (scale first, then (p - lo) * scale), so floor
+    # rounds identically near cell borders. Kept in float: a degenerate RoI gives inf / NaN, which the range
+    # check below rejects (NaN compares false) where an integer cast would be undefined.
+    c = jnp.floor((p - lo) * (s / (hi - lo)))
+    return jnp.where(p == hi, float(s - 1), c)
+
+  x = cell(keypoints[..., 0], x1, x2)
+  y = cell(keypoints[..., 1], y1, y2)
+  valid = (x >= 0) & (y >= 0) & (x < s) & (y < s) & (keypoints[..., 2] > 0)
+  xi = jnp.where(valid, x, 0.0).astype(jnp.int32)
+  yi = jnp.where(valid, y, 0.0).astype(jnp.int32)
+  return yi * s + xi, valid
+
+
+def keypoint_loss(heatmap_logits, targets, valid, *, normalizer="visible"):
+  """loss_keypoint: softmax cross-entropy over the S x S positions of each valid (RoI, keypoint) heatmap.
+
+  normalizer "visible" (Detectron2's default, and torchvision's only behaviour) divides the sum by the number of
+  valid keypoints in the batch, i.e. the mean over them. A number n is Detectron2's fixed normalization
+  (NORMALIZE_LOSS_BY_VISIBLE_KEYPOINTS=False, n = num_keypoints * batch_size_per_image * positive_fraction): the
+  sum is divided by B * n. No valid keypoint at all gives 0 (and zero gradients), as both references.
+
+  Args:
+    heatmap_logits: (B, F, S, S, K) (`KeypointHead` layout, NHWC); any float dtype, computed in float32.
+    targets: (B, F, K) int32 flat index y * S + x, from `keypoint_targets`.
+    valid: (B, F, K) bool: labeled keypoints inside their RoI, of foreground RoIs only.
+  Returns:
+    {"loss_keypoint": scalar float32}.
+  """
+  b, f, s, s2, k = heatmap_logits.shape
+  if s != s2:
+    raise ValueError(f"keypoint heatmaps must be square, got {s}x{s2}")
+  # Reduce over the flattened spatial axis in place instead of transposing to (B, F, K, S*S): the heatmaps are
+  # the largest activations of the keypoint branch and a transpose would copy them.
+  logits = heatmap_logits.reshape(b, f, s * s, k).astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=2)  # (B, F, K)
+  picked = jnp.take_along_axis(logits, targets[:, :, None, :].astype(jnp.int32), axis=2)[:, :, 0]
+  total = jnp.sum(jnp.where(valid, lse - picked, 0.0))
+  if isinstance(normalizer, str):
+    if normalizer != "visible":
+      raise ValueError(f"keypoint loss normalizer {normalizer!r} is not one of {KEYPOINT_NORMALIZERS} or a number")
+    count = jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
+  else:
+    count = float(normalizer) * b
+    if not count > 0:
+      raise ValueError(f"keypoint loss normalizer must be positive, got {normalizer!r}")
+  return {"loss_keypoint": total / count}

@@ -7,7 +7,7 @@ I/O contract:
   is on; keypoints (B, D, 17, 3) (x, y, score) when the keypoint head is on. One jitted program.
   image_info rows are [valid_h, valid_w, scale_h, scale_w, orig_h, orig_w] (see `data.transforms.preprocess`).
 - `MaskRCNN.losses(batch, key)` (train mode) -> dict of named losses (Detectron2's names: loss_rpn_cls,
-  loss_rpn_loc, loss_cls, loss_box_reg, loss_mask) and total_loss; batch is the dict of fixed-shape arrays of
+  loss_rpn_loc, loss_cls, loss_box_reg, loss_mask, loss_keypoint) and total_loss; batch is the dict of fixed-shape arrays of
   `data.pipeline.train_example` (image, image_info, gt_boxes, gt_classes, gt_valid, gt_is_crowd, gt_masks, ...).
 
 Variables: `params` (everything trained) and `batch_stats` (frozen / running norm statistics).
@@ -133,8 +133,6 @@ class MaskRCNN(nn.Module):
   def losses(self, batch, key):
     cfg = self.config
     convention = cfg.loss_convention
-    if cfg.keypoint_head.enabled:
-      raise NotImplementedError("the keypoint loss is not implemented yet; train with keypoint_head.enabled=False")
     images = batch["image"]
     b = images.shape[0]
     image_hw = batch["image_info"][:, :2]
@@ -184,6 +182,15 @@ class MaskRCNN(nn.Module):
       out.update(loss_fns.mask_loss(
           mask_logits, fg["rois"], fg["classes"], fg["matched"], fg["valid"] & (fg["classes"] > 0),
           batch["gt_masks"], gt_boxes, convention=convention))
+    # Keypoint head on the same foreground RoIs, each with its matched instance's keypoints.
+    if cfg.keypoint_head.enabled:
+      f = int(rh.batch_size_per_image * rh.positive_fraction)
+      fg = {k: v[:, :f] for k, v in samples.items()}
+      heatmaps = self.keypoint_head(self.pool(feats, fg["rois"], cfg.pooler.keypoint_resolution))
+      keypoints = jnp.take_along_axis(batch["gt_keypoints"], fg["matched"][..., None, None], axis=1)
+      targets, valid = loss_fns.keypoint_targets(keypoints, fg["rois"], heatmaps.shape[2])
+      foreground = fg["valid"] & (fg["classes"] > 0)
+      out.update(loss_fns.keypoint_loss(heatmaps, targets, valid & foreground[..., None]))
     out["total_loss"] = sum(out.values())
     return out
 

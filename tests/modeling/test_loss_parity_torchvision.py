@@ -90,3 +90,60 @@ def test_losses_match_torchvision_train_mode(load_config):
     assert got[ours] == pytest.approx(want[theirs], rel=1e-4, abs=1e-6), (ours, got[ours], want[theirs])
   assert got["loss_mask"] == pytest.approx(want["loss_mask"], rel=2e-2)
   assert got["total_loss"] == pytest.approx(sum(got[k] for k in got if k != "total_loss"), rel=1e-6)
+
+
+def test_keypoint_losses_match_torchvision_train_mode(load_config):
+  torch.manual_seed(0)
+  model = torchvision.models.detection.keypointrcnn_resnet50_fpn(
+      weights=None, weights_backbone=None, min_size=320, max_size=512, rpn_batch_size_per_image=KEEP_ALL,
+      box_batch_size_per_image=KEEP_ALL)
+  model.train()
+  for mod in model.modules():
+    if isinstance(mod, torch.nn.BatchNorm2d):
+      mod.eval()
+  rng = np.random.default_rng(1)
+  sizes = [(320, 426), (320, 480)]
+  images, targets, gt = [], [], []
+  for i, hw in enumerate(sizes):
+    _, boxes = _ellipses(rng, hw, 2 + i)
+    n = len(boxes)
+    # 17 keypoints per person, most inside the box, some outside, some unlabeled.
+    kx = rng.uniform(boxes[:, None, 0] - 5, boxes[:, None, 2] + 5, (n, 17))
+    ky = rng.uniform(boxes[:, None, 1] - 5, boxes[:, None, 3] + 5, (n, 17))
+    vis = rng.choice([0, 1, 2], (n, 17), p=[0.2, 0.3, 0.5]).astype(np.float32)
+    kps = np.stack([kx, ky, vis], -1).astype(np.float32)
+    images.append(torch.tensor(rng.random((3,) + hw, np.float32)))
+    targets.append({"boxes": torch.tensor(boxes), "labels": torch.ones(n, dtype=torch.int64),
+                    "keypoints": torch.tensor(kps)})
+    gt.append((boxes, kps))
+  with torch.no_grad():
+    image_list, _ = model.transform(images, [dict(t) for t in targets])
+    want = {k: float(v) for k, v in model(images, targets).items()}
+
+  config = load_config("torchvision_keypointrcnn_r50_fpn")
+  canvas = image_list.tensors.shape[-2:]
+  a = config.model.anchors
+  config.model.rpn.batch_size_per_image = int(sum(len(x) for x in anchor_ops.generate_anchors(
+      tuple(canvas), (4, 8, 16, 32, 64), a.sizes, a.aspect_ratios, convention=a.convention)))
+  config.model.roi_heads.batch_size_per_image = config.model.rpn.post_nms_topk_train + 8
+  config.model.roi_heads.positive_fraction = 0.05
+  g = 8
+  batch = {
+      "image": jnp.asarray(image_list.tensors.permute(0, 2, 3, 1).numpy()),
+      "image_info": jnp.asarray(np.array([[h, w, 1, 1, h, w] for h, w in sizes], np.float32)),
+      "gt_boxes": np.zeros((2, g, 4), np.float32), "gt_classes": np.zeros((2, g), np.int32),
+      "gt_valid": np.zeros((2, g), bool), "gt_is_crowd": np.zeros((2, g), bool),
+      "gt_keypoints": np.zeros((2, g, 17, 3), np.float32),
+  }
+  for i, (boxes, kps) in enumerate(gt):
+    n = len(boxes)
+    batch["gt_boxes"][i, :n], batch["gt_classes"][i, :n], batch["gt_valid"][i, :n] = boxes, 1, True
+    batch["gt_keypoints"][i, :n] = kps
+  variables = tv_convert.convert_state_dict({k: v.detach().numpy() for k, v in model.state_dict().items()})
+  net = mask_rcnn.MaskRCNN(config.model, train=True)
+  got = jax.jit(lambda v, b: net.apply(v, b, jax.random.key(0), method=mask_rcnn.MaskRCNN.losses))(variables, batch)
+  got = {k: float(v) for k, v in got.items()}
+  names = {"loss_rpn_cls": "loss_objectness", "loss_rpn_loc": "loss_rpn_box_reg", "loss_cls": "loss_classifier",
+           "loss_box_reg": "loss_box_reg", "loss_keypoint": "loss_keypoint"}
+  for ours, theirs in names.items():
+    assert got[ours] == pytest.approx(want[theirs], rel=1e-4, abs=1e-6), (ours, got[ours], want[theirs])
