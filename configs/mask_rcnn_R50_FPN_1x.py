@@ -54,7 +54,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   model.loss_convention = "detectron2"
 
   model.backbone = ml_collections.ConfigDict()
-  model.backbone.depth = 50  # 50 | 101
+  model.backbone.depth = 50  # 50 | 101 (bottlenecks); 18 | 34 (basic blocks, for small models)
+  model.backbone.width = 64  # channels of the stem; every stage scales with it (64: the standard ResNets)
   model.backbone.norm = "FrozenBN"  # "FrozenBN" | "BN" | "GN"
   model.backbone.norm_eps = 1e-5
   model.backbone.stride_in_1x1 = True  # MSRA weights stride in the first 1x1 conv; torchvision's in the 3x3
@@ -165,13 +166,20 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   train.momentum = 0.9
   train.weight_decay = 1e-4
   train.weight_decay_norm = 0.0  # on normalization scales and offsets
+  # On the biases of convolutions and dense layers. Detectron2's SOLVER.WEIGHT_DECAY_BIAS defaults to WEIGHT_DECAY;
+  # here biases are not decayed unless asked.
+  train.weight_decay_bias = 0.0
+  train.clip_grad_norm = placeholder(float)  # global L2 norm the gradients are clipped to; None: no clipping
   train.max_iter = 90000
   train.steps = (60000, 80000)  # the learning rate is multiplied by gamma at each
   train.gamma = 0.1
   train.warmup_iters = 1000  # linear from base_lr * warmup_factor to base_lr
   train.warmup_factor = 0.001
   train.init_checkpoint = placeholder(str)  # converted ImageNet backbone (MSRA R-50.pkl); None: random init
-  train.seed = 0
+  train.seed = 0  # model init and, folded with the step, every training step's sampling
+  # A step whose total loss or gradient is not finite: True skips its update and counts it (metrics
+  # nonfinite_skipped); False applies it and the trainer stops the run, leaving the last good checkpoint.
+  train.skip_nonfinite = False
   train.log_every = 20
   train.checkpoint_every = 5000
   train.eval_every = 90000  # Detectron2 evaluates once, after the last step

@@ -59,7 +59,7 @@ class MaskRCNN(nn.Module):
     dtype = compute_dtype(cfg)
     b = cfg.backbone
     self.backbone = ResNet(depth=b.depth, norm=b.norm, norm_eps=b.norm_eps, stride_in_1x1=b.stride_in_1x1,
-                           freeze_at=b.freeze_at, train=self.train, dtype=dtype)
+                           freeze_at=b.freeze_at, width=b.width, train=self.train, dtype=dtype)
     self.fpn = FPN(channels=cfg.fpn.channels, dtype=dtype)
     num_anchors = len(cfg.anchors.aspect_ratios) * len(cfg.anchors.sizes[0])
     self.rpn = RPNHead(num_anchors=num_anchors, channels=cfg.fpn.channels, dtype=dtype)

@@ -13,8 +13,9 @@ import flax.linen as nn
 
 from mrcnn_jax.modeling import layers
 
-STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
-STAGE_WIDTHS = (64, 128, 256, 512)  # bottleneck widths of res2..res5; outputs are 4x wider
+STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+BOTTLENECK_DEPTHS = (50, 101)  # 18 and 34 use basic blocks (two 3x3 convs), for small and fast models
+STAGE_WIDTHS = (64, 128, 256, 512)  # block widths of res2..res5 at width=64; bottleneck outputs are 4x wider
 
 
 class Bottleneck(nn.Module):
@@ -45,14 +46,43 @@ class Bottleneck(nn.Module):
     return nn.relu(y + shortcut)
 
 
+class BasicBlock(nn.Module):
+  """Two 3x3 convs with a residual (ResNet-18/34), the stride in the first."""
+
+  width: int
+  stride: int
+  norm: str
+  norm_eps: float
+  train: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    norm = lambda name: layers.make_norm(self.norm, train=self.train, eps=self.norm_eps, name=name, dtype=self.dtype)  # noqa: E731
+    shortcut = x
+    if x.shape[-1] != self.width or self.stride != 1:
+      shortcut = layers.conv(self.width, 1, stride=self.stride, use_bias=False, name="shortcut_conv",
+                             dtype=self.dtype)(x)
+      shortcut = norm("shortcut_norm")(shortcut)
+    y = layers.conv(self.width, 3, stride=self.stride, use_bias=False, name="conv1", dtype=self.dtype)(x)
+    y = nn.relu(norm("norm1")(y))
+    y = layers.conv(self.width, 3, use_bias=False, name="conv2", dtype=self.dtype)(y)
+    return nn.relu(norm("norm2")(y) + shortcut)
+
+
 class ResNet(nn.Module):
-  """images (B, H, W, 3) -> {2: (B, H/4, W/4, 256), 3: .../8 x 512, 4: .../16 x 1024, 5: .../32 x 2048}."""
+  """images (B, H, W, 3) -> {2: (B, H/4, W/4, C2), ..., 5: (B, H/32, W/32, C5)}.
+
+  Channels: 256, 512, 1024, 2048 for ResNet-50/101 (bottlenecks); 64, 128, 256, 512 for ResNet-18/34 (basic
+  blocks); all scaled by width / 64.
+  """
 
   depth: int = 50
   norm: str = "FrozenBN"
   norm_eps: float = 1e-5
   stride_in_1x1: bool = True
   freeze_at: int = 2
+  width: int = 64
   train: bool = False
   dtype: jnp.dtype = jnp.float32
 
@@ -61,7 +91,7 @@ class ResNet(nn.Module):
     if self.depth not in STAGE_BLOCKS:
       raise ValueError(f"ResNet depth {self.depth} is not supported; expected one of {sorted(STAGE_BLOCKS)}")
     x = x.astype(self.dtype)
-    x = layers.conv(64, 7, stride=2, use_bias=False, name="stem_conv", dtype=self.dtype)(x)
+    x = layers.conv(self.width, 7, stride=2, use_bias=False, name="stem_conv", dtype=self.dtype)(x)
     x = layers.make_norm(self.norm, train=self.train, eps=self.norm_eps, name="stem_norm", dtype=self.dtype)(x)
     x = layers.max_pool(nn.relu(x), 3, 2, 1)
     if self.freeze_at >= 1:
@@ -69,10 +99,15 @@ class ResNet(nn.Module):
     outputs = {}
     for stage, (num_blocks, width) in enumerate(zip(STAGE_BLOCKS[self.depth], STAGE_WIDTHS)):
       level = stage + 2
+      width = width * self.width // 64
       for i in range(num_blocks):
         stride = 2 if (i == 0 and level > 2) else 1
-        x = Bottleneck(width, stride, self.stride_in_1x1, self.norm, self.norm_eps, self.train, self.dtype,
-                       name=f"res{level}_{i}")(x)
+        if self.depth in BOTTLENECK_DEPTHS:
+          block = Bottleneck(width, stride, self.stride_in_1x1, self.norm, self.norm_eps, self.train, self.dtype,
+                             name=f"res{level}_{i}")
+        else:
+          block = BasicBlock(width, stride, self.norm, self.norm_eps, self.train, self.dtype, name=f"res{level}_{i}")
+        x = block(x)
       if self.freeze_at >= level:
         x = jax.lax.stop_gradient(x)
       outputs[level] = x
