@@ -1,0 +1,268 @@
+"""The trainer's pieces: train state, optimizer and schedule, one jitted train step over a device mesh.
+
+Small top-level functions that a notebook can import (flax examples/imagenet style):
+
+  config --make_optimizer--> optax SGD: momentum, weight decay by parameter kind, frozen backbone stages untouched
+  config, key --create_train_state--> TrainState(step, params, batch_stats, opt_state)
+  devices --make_mesh--> a 1-D data-parallel Mesh
+  config, model, mesh --jit_train_step--> step(state, global batch) -> (state, metrics), state donated
+
+Data parallel: the batch is sharded over the mesh's data axis (`data.pipeline.to_global_batch`), the state is
+replicated, and XLA inserts the gradient all-reduce; no pmap, no hand-written collectives. Each step's sampling key
+is folded from (train.seed, step), so a run is reproducible and a resumed run draws the same samples.
+
+The loop around the step (data, logging, checkpoints, stopping on a non-finite loss) belongs to the entry point.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mrcnn_jax.modeling import mask_rcnn
+from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+
+# Parameter kinds of `param_labels`: each gets its own weight decay, frozen ones no update at all.
+FROZEN, KERNEL, BIAS, NORM = "frozen", "kernel", "bias", "norm"
+
+# Backbone module names and the Detectron2 stage they belong to (freeze_at k freezes stages 1..k, 1 = stem).
+_STAGE = re.compile(r"^(?:stem_|res(\d+)_)")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; a pytree, replicated over the mesh.
+
+  step: () int32, steps taken (the iteration, skipped updates included); the sampling key is folded from it.
+  params: the model's `params` collection (float32).
+  batch_stats: the `batch_stats` collection (FrozenBN constants; BatchNorm running statistics when
+    model.backbone.norm is "BN"). The optimizer never touches it.
+  opt_state: the state of `make_optimizer(config)`.
+  """
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Optimizer and learning-rate schedule.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def learning_rate_schedule(config):
+  """Detectron2's WarmupMultiStepLR as a function of the update count: int () -> float32 ().
+
+  lr(it) = base_lr * warmup(it) * gamma ** (number of train.steps <= it), warmup(it) rising linearly from
+  warmup_factor at it = 0 to 1 at it = warmup_iters (and 1 after). base_lr is used as given: it is the rate for
+  the config's train.batch_size (Detectron2's 0.02 is for 16 images; a config that changes the batch size rescales
+  base_lr itself, as `runlocal` does).
+  """
+  t = config.train
+  base_lr, gamma = float(t.base_lr), float(t.gamma)
+  warmup_iters, warmup_factor = int(t.warmup_iters), float(t.warmup_factor)
+  steps = tuple(int(s) for s in t.steps)
+  if list(steps) != sorted(steps):
+    raise ValueError(f"train.steps must be increasing, got {steps}")
+  boundaries = np.asarray(steps, np.int32).reshape(-1)
+
+  def schedule(count):
+    count = jnp.asarray(count)
+    decays = jnp.sum(count >= boundaries)
+    lr = base_lr * jnp.power(jnp.float32(gamma), decays)
+    if warmup_iters > 0:
+      alpha = jnp.minimum(count.astype(jnp.float32) / warmup_iters, 1.0)
+      lr = lr * (warmup_factor * (1.0 - alpha) + alpha)
+    return jnp.asarray(lr, jnp.float32)
+
+  return schedule
+
+
+def _frozen_stage(name: str) -> int | None:
+  """The Detectron2 stage of a backbone module name (stem_conv -> 1, res3_0 -> 3), None for others."""
+  m = _STAGE.match(name)
+  if m is None:
+    return None
+  return 1 if m.group(1) is None else int(m.group(1))
+
+
+def param_labels(params, freeze_at: int):
+  """The kind of each parameter, by its path: a tree like `params` of FROZEN, KERNEL, BIAS or NORM.
+
+  FROZEN: under backbone/stem_* (freeze_at >= 1) or backbone/res{k}_* with k <= freeze_at.
+  NORM: under a module whose name contains "norm" (stem_norm, norm1, shortcut_norm: BatchNorm or GroupNorm scales
+    and offsets), or named "scale".
+  BIAS: other "bias" leaves (convolutions and dense layers). KERNEL: "kernel" leaves.
+  Any other leaf raises ValueError naming its path, so that a new kind of parameter gets a decision.
+  """
+  def label(path, _):
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    if len(names) >= 2 and names[0] == "backbone":
+      stage = _frozen_stage(names[1])
+      if stage is not None and stage <= freeze_at:
+        return FROZEN
+    if names[-1] == "scale" or any("norm" in n for n in names[:-1]):
+      return NORM
+    if names[-1] == "bias":
+      return BIAS
+    if names[-1] == "kernel":
+      return KERNEL
+    raise ValueError(f"parameter {'/'.join(names)} is neither a kernel, a bias nor a norm parameter; "
+                     f"give it a kind in mrcnn_jax.train.param_labels")
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """SGD with momentum and coupled weight decay (torch.optim.SGD, as Detectron2 trains), by parameter kind.
+
+  Per step, with g the gradient: g clipped to global norm train.clip_grad_norm (None: not clipped), then
+  d = g + wd * p with wd = train.weight_decay for kernels, train.weight_decay_bias for biases,
+  train.weight_decay_norm for norm scales and offsets; buf = momentum * buf + d; p -= lr * buf, lr from
+  `learning_rate_schedule` at the count of updates applied. Frozen backbone stages (model.backbone.freeze_at, see
+  `param_labels`) get an update of exactly zero and keep no momentum. `batch_stats` are not parameters and never
+  reach the optimizer.
+
+  The state holds a single `count` (the schedule's), which `train_step` reads for the lr it logs.
+  """
+  t = config.train
+
+  def decayed_momentum(rate):
+    decay = optax.add_decayed_weights(float(rate)) if rate else optax.identity()
+    return optax.chain(decay, optax.trace(decay=float(t.momentum)))
+
+  transforms = {
+      KERNEL: decayed_momentum(t.weight_decay),
+      BIAS: decayed_momentum(t.weight_decay_bias),
+      NORM: decayed_momentum(t.weight_decay_norm),
+      FROZEN: optax.set_to_zero(),
+  }
+  clip = optax.identity() if t.clip_grad_norm is None else optax.clip_by_global_norm(float(t.clip_grad_norm))
+  return optax.chain(
+      clip,  # on the raw gradients, before weight decay (Detectron2 clips param.grad before optimizer.step)
+      optax.multi_transform(transforms, functools.partial(param_labels, freeze_at=config.model.backbone.freeze_at)),
+      optax.scale_by_learning_rate(learning_rate_schedule(config)),
+  )
+
+
+def global_norm(tree) -> jax.Array:
+  """() float32: the L2 norm of all leaves of `tree` together (written out: optax renamed its helper twice)."""
+  leaves = jax.tree.leaves(tree)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Train state.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def create_train_state(config, key, canvas_hw=(128, 128)) -> TrainState:
+  """A freshly initialized TrainState at step 0 (variables from `mask_rcnn.init_variables`).
+
+  key: a jax.random key. canvas_hw: the image size traced for initialization; parameter shapes do not depend on
+  it, so the default small canvas saves time. The arrays live on the default device: put them on the mesh with
+  `jax.device_put(state, NamedSharding(mesh, P()))` before the first step.
+  """
+  variables = mask_rcnn.init_variables(config, key, canvas_hw)
+  params = variables["params"]
+  opt_state = jax.jit(make_optimizer(config).init)(params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+                    opt_state=opt_state)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One step.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def train_step(state: TrainState, batch: dict, *, config, model: MaskRCNN) -> tuple[TrainState, dict]:
+  """One SGD step on a batch: losses, gradients, update.
+
+  state: TrainState. batch: the dict of `data.pipeline.train_example` arrays stacked to (B, ...) (image
+  (B, H, W, 3) float32, image_info (B, 6), gt_boxes (B, G, 4), gt_classes (B, G), gt_valid (B, G),
+  gt_is_crowd (B, G), gt_masks (B, G, M, M) uint8; other keys are ignored). model: MaskRCNN(config.model,
+  train=True); its compute dtype comes from config.model.compute_dtype, params and losses stay float32.
+
+  Returns the new state (step + 1) and metrics, all () arrays: the model's losses (loss_rpn_cls, loss_rpn_loc,
+  loss_cls, loss_box_reg, loss_mask, total_loss), lr (the rate of this update), grad_norm (global L2 norm of the
+  gradients before clipping), finite (bool: total loss and gradient norm finite) and nonfinite_skipped (int32, 1
+  when this step's update was skipped). With train.skip_nonfinite a non-finite step leaves params, batch_stats and
+  optimizer state (hence the schedule's count) as they were; without it the update is applied and the caller is
+  expected to stop on `finite` False.
+  """
+  # The same (seed, step) draws the same anchors and RoIs, whatever the device count or a restart.
+  key = jax.random.fold_in(jax.random.key(config.train.seed), state.step)
+  update_stats = config.model.backbone.norm == "BN"  # BatchNorm's running statistics; FrozenBN's are constants
+
+  def loss_fn(params):
+    variables = {"params": params}
+    if state.batch_stats:
+      variables["batch_stats"] = state.batch_stats
+    if update_stats:
+      losses, new_vars = model.apply(variables, batch, key, method=MaskRCNN.losses, mutable=["batch_stats"])
+      batch_stats = new_vars["batch_stats"]
+    else:
+      losses = model.apply(variables, batch, key, method=MaskRCNN.losses)
+      batch_stats = state.batch_stats
+    losses = {k: v.astype(jnp.float32) for k, v in losses.items()}
+    return losses["total_loss"], (losses, batch_stats)
+
+  (total, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = global_norm(grads)
+  tx = make_optimizer(config)
+  lr = learning_rate_schedule(config)(optax.tree_utils.tree_get(state.opt_state, "count"))
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+  skipped = jnp.zeros((), jnp.int32)
+  if config.train.skip_nonfinite:
+    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    params = keep_if_bad(params, state.params)
+    opt_state = keep_if_bad(opt_state, state.opt_state)
+    batch_stats = keep_if_bad(batch_stats, state.batch_stats)
+    skipped = (~finite).astype(jnp.int32)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+  metrics = dict(losses, lr=lr, grad_norm=grad_norm, finite=finite, nonfinite_skipped=skipped)
+  return new_state, metrics
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Mesh and the jitted step.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def make_mesh(devices=None, data_axis: str = "data") -> Mesh:
+  """A 1-D data-parallel mesh over `devices` (default: all devices of all processes) with axis `data_axis`."""
+  devices = jax.devices() if devices is None else list(devices)
+  # Auto axes: shardings are given at the jit boundary and XLA propagates them (the default of explicit-sharding
+  # meshes changed across JAX releases, so say it).
+  return Mesh(np.asarray(devices), (data_axis,), axis_types=(AxisType.Auto,))
+
+
+def jit_train_step(config, model: MaskRCNN, mesh: Mesh, state_sharding=None, data_axis: str | None = None):
+  """`train_step` jitted over `mesh`: step(state, batch) -> (state, metrics), the state's buffers donated.
+
+  state_sharding: a sharding (or pytree of shardings) for the state; default replicated on every device.
+  data_axis: the mesh axis the batch's leading dimension is sharded over; default the mesh's first axis.
+  The batch must already be global arrays with that sharding (`data.pipeline.to_global_batch`), and the state on
+  `state_sharding`; metrics come back replicated.
+  """
+  data_axis = mesh.axis_names[0] if data_axis is None else data_axis
+  replicated = NamedSharding(mesh, P())
+  state_sharding = replicated if state_sharding is None else state_sharding
+  return jax.jit(
+      functools.partial(train_step, config=config, model=model),
+      in_shardings=(state_sharding, NamedSharding(mesh, P(data_axis))),
+      out_shardings=(state_sharding, replicated),
+      donate_argnums=(0,),
+  )
