@@ -182,6 +182,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   train.skip_nonfinite = False
   train.log_every = 20
   train.checkpoint_every = 5000
+  train.keep_checkpoints = 3  # the last N checkpoints are kept
+  train.num_workers = 2  # input pipeline worker processes per host (0: in the training process)
   train.eval_every = 90000  # Detectron2 evaluates once, after the last step
 
   return finalize(config, arg)

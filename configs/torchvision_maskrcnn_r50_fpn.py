@@ -76,6 +76,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
 
   train = config.train
   train.weight_decay_norm = 1e-4  # torchvision's recipe decays every trained parameter alike
+  train.weight_decay_bias = 1e-4
   train.max_iter = 26 * ITERS_PER_EPOCH
   train.steps = (16 * ITERS_PER_EPOCH, 22 * ITERS_PER_EPOCH)
   train.checkpoint_every = ITERS_PER_EPOCH  # the recipe checkpoints and evaluates after every epoch

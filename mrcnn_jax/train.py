@@ -17,6 +17,8 @@ The loop around the step (data, logging, checkpoints, stopping on a non-finite l
 from __future__ import annotations
 
 import functools
+import logging
+import pathlib
 import re
 from typing import Any
 
@@ -266,3 +268,95 @@ def jit_train_step(config, model: MaskRCNN, mesh: Mesh, state_sharding=None, dat
       out_shardings=(state_sharding, replicated),
       donate_argnums=(0,),
   )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training loop.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_train_source(config):
+  """The training set of `config.dataset` (COCO-format JSON + image folder)."""
+  from mrcnn_jax.data import coco
+
+  data = config.dataset
+  if not data.train_json or not data.train_image_dir:
+    raise ValueError("config.dataset.train_json and config.dataset.train_image_dir must be set (COCO-format "
+                     "annotations and their image folder)")
+  return coco.load_coco(data.train_json, data.train_image_dir, train=True,
+                        skip_empty=data.filter_empty_annotations)
+
+
+def train(config, workdir, *, source=None, stop_after: int | None = None) -> TrainState:
+  """Train (or resume) in `workdir` until config.train.max_iter; returns the final state.
+
+  Resumes from the newest checkpoint in `<workdir>/checkpoints`: parameters, optimizer state, step and the input
+  iterator's position, so a resumed run sees the batches and the random sampling it would have seen without the
+  interruption. SIGTERM (preemption) saves a checkpoint at the next step boundary and returns. A non-finite loss
+  stops the run with FloatingPointError naming the step, its losses and the last good checkpoint (unless
+  train.skip_nonfinite). `stop_after` ends the run after that many steps of this call (tests, notebooks).
+  """
+  import time
+
+  from mrcnn_jax import checkpoint, train_log
+  from mrcnn_jax.data import pipeline
+
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  tc = config.train
+  # --- mesh and data ---------------------------------------------------------------------------------------------
+  mesh = make_mesh()
+  source = source if source is not None else load_train_source(config)
+  loader = pipeline.make_train_loader(source, config.input, global_batch_size=tc.batch_size, seed=tc.seed,
+                                      num_workers=tc.num_workers)
+  data_iter = iter(loader)
+  # --- model, optimizer, restore ---------------------------------------------------------------------------------
+  model = MaskRCNN(config.model, train=True)
+  state = create_train_state(config, jax.random.key(tc.seed), tuple(config.input.canvas_hw))
+  replicated = NamedSharding(mesh, P())
+  state = jax.device_put(state, replicated)
+  ckpt = checkpoint.TrainCheckpointer(workdir, keep=tc.keep_checkpoints, save_interval_steps=tc.checkpoint_every)
+  restored = ckpt.restore(target_state=state)
+  if restored is not None:
+    state, data_state, step = restored
+    if data_state is not None:
+      data_iter.set_state(data_state)
+    logging.info("resumed from %s at step %d", ckpt.directory, step)
+  step = int(state.step)
+  step_fn = jit_train_step(config, model, mesh)
+  # --- loop ------------------------------------------------------------------------------------------------------
+  writer = train_log.JsonlWriter(workdir / "metrics.jsonl")
+  preemption = checkpoint.install_preemption_handler()
+  steps_done = 0
+  start = time.perf_counter()
+  try:
+    while step < tc.max_iter:
+      t0 = time.perf_counter()
+      batch = pipeline.to_global_batch(next(data_iter), mesh)
+      data_seconds = time.perf_counter() - t0
+      state, metrics = step_fn(state, batch)
+      step += 1
+      steps_done += 1
+      if not tc.skip_nonfinite and not bool(metrics["finite"]):
+        losses = {k: float(v) for k, v in metrics.items() if k.startswith("loss") or k == "total_loss"}
+        raise FloatingPointError(
+            f"non-finite loss at step {step}: {losses}; the last good checkpoint is step {ckpt.latest_step()} in "
+            f"{ckpt.directory} (left intact)")
+      if step % tc.log_every == 0 or step == tc.max_iter:
+        values = {k: float(v) for k, v in metrics.items() if k != "finite"}
+        seconds = (time.perf_counter() - start) / steps_done
+        logging.info(train_log.format_line(step, tc.max_iter, values, seconds_per_iter=seconds,
+                                           data_seconds=data_seconds))
+        writer.write(step, values)
+      stop = preemption.requested or (stop_after is not None and steps_done >= stop_after)
+      if step % tc.checkpoint_every == 0 or step == tc.max_iter or stop:
+        ckpt.save(step, state, data_state=data_iter.get_state(), config=config, force=True)
+      if stop:
+        break
+  finally:
+    preemption.uninstall()
+    writer.close()
+    ckpt.wait()
+    ckpt.close()
+    del data_iter
+  return state

@@ -227,7 +227,7 @@ VARIANTS = {
         "model.pooler.level_convention": "torchvision", "model.mask_head.paste_mode": "torchvision",
         "input.pixel_format": "RGB", "input.pixel_scale": 1.0, "input.pixel_mean": (0.485, 0.456, 0.406),
         "input.pixel_std": (0.229, 0.224, 0.225), "input.resize_mode": "torchvision", "input.min_size_train": (800,),
-        "train.weight_decay_norm": 1e-4, "train.max_iter": 26 * TV_EPOCH,
+        "train.weight_decay_norm": 1e-4, "train.weight_decay_bias": 1e-4, "train.max_iter": 26 * TV_EPOCH,
         "train.steps": (16 * TV_EPOCH, 22 * TV_EPOCH), "train.checkpoint_every": TV_EPOCH,
         "train.eval_every": TV_EPOCH}),
     "torchvision_keypointrcnn_r50_fpn": ("torchvision_maskrcnn_r50_fpn", {
