@@ -325,7 +325,8 @@ def train(config, workdir, *, source=None, stop_after: int | None = None) -> Tra
   step = int(state.step)
   step_fn = jit_train_step(config, model, mesh)
   # --- loop ------------------------------------------------------------------------------------------------------
-  writer = train_log.JsonlWriter(workdir / "metrics.jsonl")
+  # One writer for the whole run: process 0 logs (the metrics are replicated, every process holds the same values).
+  writer = train_log.JsonlWriter(workdir / "metrics.jsonl") if jax.process_index() == 0 else None
   preemption = checkpoint.install_preemption_handler()
   steps_done = 0
   start = time.perf_counter()
@@ -345,17 +346,20 @@ def train(config, workdir, *, source=None, stop_after: int | None = None) -> Tra
       if step % tc.log_every == 0 or step == tc.max_iter:
         values = {k: float(v) for k, v in metrics.items() if k != "finite"}
         seconds = (time.perf_counter() - start) / steps_done
-        logging.info(train_log.format_line(step, tc.max_iter, values, seconds_per_iter=seconds,
-                                           data_seconds=data_seconds))
-        writer.write(step, values)
-      stop = preemption.requested or (stop_after is not None and steps_done >= stop_after)
+        if writer is not None:
+          logging.info(train_log.format_line(step, tc.max_iter, values, seconds_per_iter=seconds,
+                                             data_seconds=data_seconds))
+          writer.write(step, values)
+      # A signal reaches one host; every process must stop (and save) at the same step: a collective check.
+      stop = preemption.sync_requested() or (stop_after is not None and steps_done >= stop_after)
       if step % tc.checkpoint_every == 0 or step == tc.max_iter or stop:
         ckpt.save(step, state, data_state=data_iter.get_state(), config=config, force=True)
       if stop:
         break
   finally:
     preemption.uninstall()
-    writer.close()
+    if writer is not None:
+      writer.close()
     ckpt.wait()
     ckpt.close()
     del data_iter

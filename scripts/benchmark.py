@@ -5,8 +5,9 @@ Usage:
   python scripts/benchmark.py ops [--repeats 7] [--impl xla|pallas] [--json results.json]
   python scripts/benchmark.py model [--repeats 5] [--batches 1 2] [--json results.json]
   python scripts/benchmark.py data
+  python scripts/benchmark.py train --batches 2
 
-Groups (`train` arrives with the trainer):
+Groups:
   ops    RoIAlign (features 1x200x336x256, 1,000 boxes, 7x7, sampling_ratio 2, aligned False/True, forward and
          forward+backward), NMS on 4,000 boxes, paste of 100 28x28 masks into 800x1333.
          On a GPU it also times the Pallas RoIAlign kernel against the XLA path.
@@ -22,6 +23,9 @@ Groups (`train` arrives with the trainer):
   data   The training loader (grain, 2 workers): batches/s on COCO-like input (synthetic 640x480 images resized to
          800x1333 on the 1344x1344 canvas, batch 2) and on the shapes set (128x128, batch 8), and the per-image cost
          of decode, resize and the whole train_example (resize, flip, normalize, pad, mask crops). No torch side.
+  train  One training step of R50-FPN Mask R-CNN at 512x512 (torchvision conventions, random init, FrozenBN on
+         both sides, 3 instances per image, 512 sampled RoIs per image): torchvision's forward + backward + SGD
+         step vs mrcnn_jax's jitted `train_step` (compile apart); each side in its own subprocess (peak RSS).
 
 torch runs with as many threads as JAX's CPU client uses (all cores). The ratio column is mrcnn_jax / torchvision:
 below 1.0 means mrcnn_jax is faster. torch and torchvision are needed here (the `parity` extra); the library itself
@@ -375,6 +379,9 @@ def _matched(data_dir: pathlib.Path, batch: int) -> tuple[int, int]:
 
 
 def run_model_worker(args) -> dict:
+  if args.group == "train":
+    worker = _train_worker_jax if args.only == "jax" else _train_worker_torch
+    return worker(args.batch, args.repeats)
   worker = _worker_jax if args.only == "jax" else _worker_torch
   return worker(args.data, args.batch, args.repeats, args.stages)
 
@@ -409,11 +416,6 @@ def run_model(args) -> list[Row]:
           rows.append(Row(f"  batch {batch} stage: {name}", ms, t_ms, cs,
                           f"{100 * ms / total_j:.0f}% of our stage sum / {100 * t_ms / total_t:.0f}% of torch's"))
   return rows
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# main
-# ------------------------------------------------------------------------------------------------------------------
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -482,8 +484,117 @@ def run_data(args) -> list[Row]:
   return rows
 
 
-GROUPS = {"ops": run_ops, "model": run_model, "data": run_data}
-DEFAULT_REPEATS = {"ops": 7, "model": 5, "data": 5}
+# ------------------------------------------------------------------------------------------------------------------
+# train
+# ------------------------------------------------------------------------------------------------------------------
+
+TRAIN_HW = (512, 512)
+
+
+def _train_inputs(batch: int):
+  """Images in [0, 1] (B, 3, H, W) and per image 3 boxes with full-image masks (ellipses), labels in 1..90."""
+  rng = np.random.default_rng(0)
+  h, w = TRAIN_HW
+  yy, xx = np.mgrid[:h, :w]
+  images, targets = [], []
+  for _ in range(batch):
+    masks, boxes = [], []
+    for _ in range(3):
+      cy, cx, ry, rx = rng.uniform(100, 400), rng.uniform(100, 400), rng.uniform(30, 90), rng.uniform(30, 90)
+      m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+      ys, xs = np.nonzero(m)
+      masks.append(m.astype(np.uint8))
+      boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    images.append(rng.random((3, h, w), np.float32))
+    targets.append((np.array(boxes, np.float32), rng.integers(1, 91, 3), np.stack(masks)))
+  return images, targets
+
+
+def _train_worker_torch(batch: int, repeats: int) -> dict:
+  import torch
+  import torchvision
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  torch.manual_seed(0)
+  model = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None,
+                                                             min_size=TRAIN_HW[0], max_size=TRAIN_HW[1])
+  model.train()
+  for m in model.modules():  # frozen BatchNorm, as mrcnn_jax's FrozenBN
+    if isinstance(m, torch.nn.BatchNorm2d):
+      m.eval()
+  opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9, weight_decay=1e-4)
+  images, targets = _train_inputs(batch)
+  images = [torch.tensor(x) for x in images]
+  targets = [{"boxes": torch.tensor(b), "labels": torch.tensor(l), "masks": torch.tensor(m)} for b, l, m in targets]
+
+  def step():
+    opt.zero_grad()
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    opt.step()
+
+  ms = time_torch(step, repeats)
+  return {"ms": ms, "compile_s": 0.0, "peak_rss_gb": _peak_rss_gb()}
+
+
+def _train_worker_jax(batch: int, repeats: int) -> dict:
+  from mrcnn_jax import config_files, train
+  from mrcnn_jax.data import pipeline
+  from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+  from mrcnn_jax.ops import masks as mask_ops
+
+  config = config_files.load_config(str(REPO / "configs" / "torchvision_maskrcnn_r50_fpn.py"))
+  config.input.canvas_hw = TRAIN_HW
+  config.train.warmup_iters = 0
+  config.train.base_lr = 0.001
+  images, targets = _train_inputs(batch)
+  mean = np.asarray(config.input.pixel_mean, np.float32)
+  std = np.asarray(config.input.pixel_std, np.float32)
+  g = config.input.max_instances
+  b = {"image": np.stack([(x.transpose(1, 2, 0) - mean) / std for x in images]),
+       "image_info": np.tile(np.array([*TRAIN_HW, 1, 1, *TRAIN_HW], np.float32), (batch, 1)),
+       "gt_boxes": np.zeros((batch, g, 4), np.float32), "gt_classes": np.zeros((batch, g), np.int32),
+       "gt_valid": np.zeros((batch, g), bool), "gt_is_crowd": np.zeros((batch, g), bool),
+       "gt_masks": np.zeros((batch, g, config.input.gt_mask_size, config.input.gt_mask_size), np.uint8)}
+  for i, (boxes, labels, masks) in enumerate(targets):
+    n = len(boxes)
+    b["gt_boxes"][i, :n], b["gt_classes"][i, :n], b["gt_valid"][i, :n] = boxes, labels, True
+    b["gt_masks"][i, :n] = mask_ops.crop_masks_to_boxes(masks, boxes, config.input.gt_mask_size)
+  mesh = train.make_mesh()
+  state = jax.device_put(train.create_train_state(config, jax.random.key(0), TRAIN_HW),
+                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  step = train.jit_train_step(config, MaskRCNN(config.model, train=True), mesh)
+  gb = pipeline.to_global_batch(b, mesh)
+  start = time.perf_counter()
+  compiled = step.lower(state, gb).compile()
+  compile_s = time.perf_counter() - start
+  holder = [jax.block_until_ready(compiled(state, gb)[0])]
+
+  def run():
+    holder[0] = jax.block_until_ready(compiled(holder[0], gb)[0])
+
+  ms = _median_ms(run, repeats)
+  return {"ms": ms, "compile_s": compile_s, "peak_rss_gb": _peak_rss_gb()}
+
+
+def run_train(args) -> list[Row]:
+  rows = []
+  for batch in args.batches:
+    res = {}
+    for side in ("torch", "jax"):
+      cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "train", "--only", side, "--batch", str(batch),
+             "--repeats", str(args.repeats)]
+      proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, cwd=REPO)
+      res[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+    j, t = res["jax"], res["torch"]
+    rows.append(Row(f"train step R50-FPN batch {batch} {TRAIN_HW[0]}x{TRAIN_HW[1]}", j["ms"], t["ms"], j["compile_s"],
+                    f"peak RSS jax {j['peak_rss_gb']:.1f} GB / torch {t['peak_rss_gb']:.1f} GB; RoIs 512/image "
+                    f"both (torchvision's default sampler, ours static)"))
+  return rows
+
+
+GROUPS = {"ops": run_ops, "model": run_model, "data": run_data, "train": run_train}
+DEFAULT_REPEATS = {"ops": 7, "model": 5, "data": 5, "train": 5}
 
 
 def print_table(rows: list[Row]) -> None:
