@@ -23,6 +23,7 @@ _WORKER = r"""
 import json, pathlib, sys
 import jax
 process_id, port, workdir, data_dir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+config_file = sys.argv[7]
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
 jax.config.update("jax_default_matmul_precision", "highest")
 import numpy as np
@@ -31,7 +32,7 @@ from mrcnn_jax.data import coco
 
 assert jax.process_count() == 2 and jax.device_count() == 2 * jax.local_device_count(), jax.devices()
 data_dir = pathlib.Path(data_dir)
-config = config_files.load_config(str(pathlib.Path.cwd() / "configs" / "mask_rcnn_R50_FPN_1x.py"))
+config = config_files.load_config(config_file)
 m = config.model
 m.num_classes = 3
 m.backbone.depth, m.backbone.width = 18, 16
@@ -112,7 +113,8 @@ def test_two_processes_train_to_identical_params(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}")
   port = _free_port()
   children = [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), str(port), str(workdir), str(tmp_path / "data"),
-                                str(out), str(STEPS)], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                str(out), str(STEPS), str(REPO / "configs" / "mask_rcnn_R50_FPN_1x.py")],
+                               env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True) for i in (0, 1)]
   try:
     outputs = [c.communicate(timeout=180) for c in children]
