@@ -29,6 +29,9 @@ step into `<step>.orbax-checkpoint-tmp` and renames it to `<step>` only once eve
 (AtomicRenameTemporaryPath), so a save killed at any point leaves the previous steps as they were and no visible
 partial step. `install_preemption_handler` turns SIGTERM into a flag that the trainer polls between steps.
 
+Inference and evaluation take either kind: `load_inference(path)` accepts a variables checkpoint, a training
+workdir, its checkpoints/ directory or one step directory, and returns the variables and the saved config.
+
 orbax API: `CheckpointManager` with `item_handlers` (StandardCheckpointHandler, JsonCheckpointHandler),
 `args.Composite` of `StandardSave`/`StandardRestore` and `JsonSave`/`JsonRestore`, `item_metadata`, and the
 `checkpoint_managers` policies (`LatestN`, `FixedIntervalPolicy`; releases without them get `max_to_keep` and
@@ -440,6 +443,65 @@ class TrainCheckpointer:
 
   def __exit__(self, *exc):
     self.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inference and evaluation: variables and config from whichever kind of checkpoint directory a user names.
+# ----------------------------------------------------------------------------------------------------------------
+
+_INFERENCE_LAYOUTS = (f"a variables checkpoint (DIR/{VARIABLES_DIR}/, written by save_variables or "
+                      f"scripts/convert_weights.py), a training workdir (DIR/{CHECKPOINTS_DIR}/<step>/), its "
+                      f"{CHECKPOINTS_DIR}/ directory, or one step directory {CHECKPOINTS_DIR}/<step>/ (holding "
+                      f"{STATE_ITEM}/)")
+
+
+def load_inference(path) -> tuple[dict, dict | None]:
+  """The variables and config to run a model, from any checkpoint directory a user is likely to name.
+
+  Args:
+    path: one of
+      * a variables checkpoint (`save_variables`: converted weights, an exported model): PATH/variables/;
+      * a training workdir: PATH/checkpoints/<step>/ (the latest finished step is loaded);
+      * that checkpoints/ directory itself (the latest finished step);
+      * one step directory .../checkpoints/<step>/ (that step).
+
+  Returns:
+    (variables, config): variables {"params": ..., "batch_stats": ...}, every leaf a host numpy array with its saved
+    dtype (batch_stats {} when the checkpoint has none; a train state's step and optimizer state are left out);
+    config the saved config as a plain dict (`ml_collections.ConfigDict(config)` rebuilds it), or None when none
+    was saved.
+
+  Raises:
+    FileNotFoundError naming `path` and the layouts expected, when it is none of these, or a training directory
+    without a finished step.
+  """
+  directory = pathlib.Path(path).expanduser().absolute()
+  if not directory.is_dir():
+    raise FileNotFoundError(f"no checkpoint directory {directory}; expected {_INFERENCE_LAYOUTS}")
+  if (directory / VARIABLES_DIR).is_dir():
+    return load_variables(directory), load_config_json(directory)
+
+  step = None
+  if directory.name.isdigit() and (directory / STATE_ITEM).is_dir() and directory.parent.name == CHECKPOINTS_DIR:
+    workdir, step = directory.parent.parent, int(directory.name)
+  elif directory.name == CHECKPOINTS_DIR:
+    workdir = directory.parent
+  elif (directory / CHECKPOINTS_DIR).is_dir():
+    workdir = directory
+  else:
+    raise FileNotFoundError(f"{directory} is not a checkpoint directory; expected {_INFERENCE_LAYOUTS}")
+
+  # Read-only: the run may still be training (and writing) in this workdir.
+  with TrainCheckpointer(workdir, read_only=True) as ckpt:
+    restored = ckpt.restore(step)
+    if restored is None:
+      raise FileNotFoundError(f"{workdir / CHECKPOINTS_DIR} holds no finished training step (a run that has not "
+                              f"saved yet?); expected {_INFERENCE_LAYOUTS}")
+    state, _, step = restored
+    config = ckpt.restore_config(step)
+  # Restored without a target, the TrainState comes back as a dict of its fields.
+  variables = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
+  return variables, config
 
 
 # ----------------------------------------------------------------------------------------------------------------

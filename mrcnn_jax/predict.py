@@ -8,10 +8,21 @@ Where the work happens:
 
 Boxes are XYXY float32 in absolute pixels, as everywhere in the library; COCO's XYWH appears only in
 `to_coco_results`.
+
+Command line (`predict_files`): overlays `<out>/<image stem>.png` and `<out>/predictions.json` for image files,
+
+  python -m mrcnn_jax.predict --config=configs/FILE.py --checkpoint=DIR --images a.jpg b.png ... --out=DIR \\
+      [--score_threshold=0.5] [--batch_size=N] [--config.key=value ...]
+
+where DIR is anything `checkpoint.load_inference` reads (converted weights, a training workdir, one of its steps).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+import uuid
 from collections.abc import Sequence
 
 import jax
@@ -116,13 +127,27 @@ class Predictor:
       canvases, infos = zip(*(transforms.preprocess(image, self.input_cfg)
                               for image in checked[start:start + self.batch_size]))
       batch, batch_info = self._pad_batch(canvases, infos)
-      out = jax.device_get(self._infer(self.variables, batch, batch_info))
-      missing = [k for k in self._expected_keys() if k not in out]
-      if missing:
-        raise ValueError(f"infer_fn returned no {missing}; it returned {sorted(out)}")
+      out = jax.device_get(self.infer_batch(batch, batch_info))
       for j, info in enumerate(infos):
-        results.append(self._postprocess({k: np.asarray(out[k][j]) for k in self._expected_keys()}, info))
+        results.append(self.postprocess({k: np.asarray(v[j]) for k, v in out.items()}, info))
     return results
+
+  def infer_batch(self, images, image_info) -> dict:
+    """Start the jitted `infer_fn` on one prepared batch and return without waiting for it (JAX dispatches
+    asynchronously; `jax.device_get` of the result waits), so the caller can prepare or post-process other batches
+    meanwhile (`mrcnn_jax.evaluate` does).
+
+    images: (B, canvas_h, canvas_w, 3) float32 and image_info (B, 6) float32 (`data.transforms.preprocess`), numpy
+      or jax arrays (e.g. sharded along B over a mesh, with `self.variables` replicated on it).
+    Returns the model's arrays that `postprocess` reads (boxes, scores, classes, valid, and masks / keypoints when
+    those heads are on), each with leading dimension B, as jax arrays. Raises ValueError when infer_fn returns
+    fewer keys.
+    """
+    out = self._infer(self.variables, images, image_info)
+    missing = [k for k in self._expected_keys() if k not in out]
+    if missing:
+      raise ValueError(f"infer_fn returned no {missing}; it returned {sorted(out)}")
+    return {k: out[k] for k in self._expected_keys()}
 
   def _check(self, image, index: int) -> np.ndarray:
     """Validate image `index` (dtype, shape, values, and that its resized size fits the canvas), so that a bad
@@ -165,8 +190,13 @@ class Predictor:
       info = np.concatenate([info, np.tile(blank_info, (pad, 1))])
     return images, info
 
-  def _postprocess(self, out: dict, info: np.ndarray) -> dict:
-    """One image's fixed-size detections (canvas pixels) -> its valid detections in original pixels."""
+  def postprocess(self, out: dict, info: np.ndarray) -> dict:
+    """One image's fixed-size detections (canvas pixels) -> its valid detections in original pixels.
+
+    out: one image's slice of `infer_batch`'s arrays, as numpy: boxes (D, 4), scores (D,), classes (D,),
+      valid (D,), masks (D, M, M) and keypoints (D, 17, 3) when those heads are on. info: its image_info row (6,).
+    Returns the per-image dict of `__call__`.
+    """
     valid_h, valid_w = int(info[transforms.INFO_VALID_H]), int(info[transforms.INFO_VALID_W])
     orig_h, orig_w = int(info[transforms.INFO_ORIG_H]), int(info[transforms.INFO_ORIG_W])
     # original / resized per axis, in float32, as torchvision's `resize_boxes` computes it; Detectron2's
@@ -279,3 +309,237 @@ def to_coco_results(predictions: Sequence[dict], image_ids: Sequence, *, categor
         result["keypoints"] = keypoints[k].reshape(-1).tolist()
       results.append(result)
   return results
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Class names, and the command line:
+#   python -m mrcnn_jax.predict --config=configs/FILE.py --checkpoint=DIR --images a.jpg b.png --out=DIR
+# --------------------------------------------------------------------------------------------------------------------
+
+# COCO 2017's 80 category names by category id (1..90 with gaps), as in its annotation files.
+COCO_CATEGORY_NAMES = {
+    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train", 8: "truck",
+    9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign", 14: "parking meter", 15: "bench",
+    16: "bird", 17: "cat", 18: "dog", 19: "horse", 20: "sheep", 21: "cow", 22: "elephant", 23: "bear", 24: "zebra",
+    25: "giraffe", 27: "backpack", 28: "umbrella", 31: "handbag", 32: "tie", 33: "suitcase", 34: "frisbee",
+    35: "skis", 36: "snowboard", 37: "sports ball", 38: "kite", 39: "baseball bat", 40: "baseball glove",
+    41: "skateboard", 42: "surfboard", 43: "tennis racket", 44: "bottle", 46: "wine glass", 47: "cup", 48: "fork",
+    49: "knife", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple", 54: "sandwich", 55: "orange", 56: "broccoli",
+    57: "carrot", 58: "hot dog", 59: "pizza", 60: "donut", 61: "cake", 62: "chair", 63: "couch", 64: "potted plant",
+    65: "bed", 67: "dining table", 70: "toilet", 72: "tv", 73: "laptop", 74: "mouse", 75: "remote", 76: "keyboard",
+    77: "cell phone", 78: "microwave", 79: "oven", 80: "toaster", 81: "sink", 82: "refrigerator", 84: "book",
+    85: "clock", 86: "vase", 87: "scissors", 88: "teddy bear", 89: "hair drier", 90: "toothbrush",
+}
+
+
+def _config_get(config, *keys):
+  """config[k1][k2]... for a ConfigDict or a plain dict; None where a key is missing."""
+  for key in keys:
+    try:
+      config = config[key]
+    except (KeyError, TypeError, AttributeError):
+      return None
+  return config
+
+
+def class_names_for_config(config) -> list[str | None] | None:
+  """Display names indexed by label (entry 0 "background"; None for unused labels), or None when unknown.
+
+  Looked up, in order: the categories of `dataset.val_json` when that file exists (any COCO-format dataset);
+  COCO's names for a COCO dataset (`dataset.name` containing "coco") or for the "coco_ids" label space, where
+  label == category id; the synthetic set's `data.shapes.CLASSES` for `dataset.name` "shapes".
+  """
+  num_classes = int(_config_get(config, "model", "num_classes") or 0)
+  label_space = _config_get(config, "model", "label_space")
+  dataset = str(_config_get(config, "dataset", "name") or "").lower()
+  val_json = _config_get(config, "dataset", "val_json")
+  if label_space != "coco_ids" and val_json and os.path.isfile(val_json):
+    try:
+      with open(val_json) as f:
+        categories = json.load(f)["categories"]
+      # Contiguous labels follow increasing category id (`data.records.CategoryMap`).
+      names = [str(c.get("name", c["id"])) for c in sorted(categories, key=lambda c: c["id"])]
+      if len(names) == num_classes:
+        return ["background", *names]
+    except (OSError, ValueError, KeyError, TypeError):
+      pass  # an unreadable file only costs the names; evaluation reports it properly
+  if label_space == "coco_ids":
+    return ["background"] + [COCO_CATEGORY_NAMES.get(i) for i in range(1, num_classes + 1)]
+  if "coco" in dataset:
+    coco_names = [COCO_CATEGORY_NAMES[i] for i in sorted(COCO_CATEGORY_NAMES)]
+    # 80 classes: all of COCO; 1 class: the person keypoint set, whose only category is person (id 1).
+    if num_classes in (len(coco_names), 1):
+      return ["background", *coco_names[:num_classes]]
+  if dataset == "shapes":
+    from mrcnn_jax.data import shapes  # pylint: disable=import-outside-toplevel
+
+    if num_classes == len(shapes.CLASSES):
+      return ["background", *shapes.CLASSES]
+  return None
+
+
+def _check_image_files(paths: Sequence[str], input_cfg) -> list[tuple[int, int]]:
+  """Decode every image once, so that a missing, corrupt or oversized file fails naming it before any model code
+  runs; returns their (height, width)."""
+  from mrcnn_jax.data import coco  # pylint: disable=import-outside-toplevel
+
+  canvas_hw = tuple(int(s) for s in input_cfg.canvas_hw)
+  sizes = []
+  for path in paths:
+    height, width = coco.read_image(path).shape[:2]
+    resized = transforms.output_size(height, width, input_cfg.min_size_test, input_cfg.max_size_test,
+                                     input_cfg.resize_mode)
+    if resized[0] > canvas_hw[0] or resized[1] > canvas_hw[1]:
+      raise ValueError(f"image file {path}: {height}x{width} resizes to {resized[0]}x{resized[1]}, which does not "
+                       f"fit the canvas {canvas_hw[0]}x{canvas_hw[1]}")
+    sizes.append((height, width))
+  return sizes
+
+
+def _instances_json(result: dict, names) -> list[dict]:
+  """One image's detections as JSON: label, name, score, box (XYXY, original pixels), segmentation (COCO RLE with
+  `counts` as str), keypoints ([[x, y, score], ...]), the last two when the model has those heads."""
+  from pycocotools import mask as mask_util  # pylint: disable=import-outside-toplevel
+
+  from mrcnn_jax import visualize  # pylint: disable=import-outside-toplevel
+
+  rles = None
+  if "masks" in result and len(result["scores"]):
+    rles = mask_util.encode(np.asfortranarray(np.asarray(result["masks"]).transpose(1, 2, 0).astype(np.uint8)))
+  instances = []
+  for k in range(len(result["scores"])):
+    label = int(result["labels"][k])
+    instance = {"label": label, "name": visualize.class_name(label, names), "score": float(result["scores"][k]),
+                "box": [float(v) for v in result["boxes"][k]]}
+    if rles is not None:
+      instance["segmentation"] = {"size": [int(s) for s in rles[k]["size"]],
+                                  "counts": rles[k]["counts"].decode("ascii")}
+    if "keypoints" in result:
+      instance["keypoints"] = np.asarray(result["keypoints"][k], np.float32).tolist()
+    instances.append(instance)
+  return instances
+
+
+def _keep_scores(result: dict, threshold: float) -> dict:
+  keep = np.asarray(result["scores"]) >= threshold
+  return {k: np.asarray(v)[keep] for k, v in result.items()}
+
+
+def _write_json_atomically(path: pathlib.Path, payload) -> None:
+  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+  try:
+    with open(tmp, "x") as f:
+      json.dump(payload, f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+
+
+def predict_files(config, variables, image_paths: Sequence[str], out_dir, *, score_threshold: float = 0.5,
+                  batch_size: int = 1, class_names=None) -> pathlib.Path:
+  """Run the model on image files; write `<out_dir>/<stem>.png` overlays and `<out_dir>/predictions.json`.
+
+  Args:
+    config: the ml_collections config (`input`, `model`; `dataset` for class names).
+    variables: the model's variables, or a function returning them, called once the images are checked (so that a
+      bad file fails before a large checkpoint loads).
+    image_paths: image files (any format PIL reads); their stems must differ, since they name the overlays.
+    out_dir: created if missing; existing files of the same names are replaced (each atomically).
+    score_threshold: detections scoring below it are neither drawn nor written.
+    batch_size: images per model call.
+    class_names: names indexed by label; None looks them up from the config (`class_names_for_config`).
+
+  predictions.json: {"score_threshold", "label_space", "class_names", "images": {<path as given>: {"height",
+  "width", "overlay", "instances": [{"label", "name", "score", "box" [x1, y1, x2, y2] in original pixels,
+  "segmentation" (COCO RLE), "keypoints" [[x, y, score] * 17]}, ...]}}}.
+
+  Every image is decoded and checked before the model is built, so a bad file fails naming it before any batch
+  runs; then it is decoded again when its batch runs (no image list is held in memory). Returns the JSON path.
+  """
+  from mrcnn_jax import visualize  # pylint: disable=import-outside-toplevel
+  from mrcnn_jax.data import coco  # pylint: disable=import-outside-toplevel
+
+  image_paths = [os.fspath(p) for p in image_paths]
+  if not image_paths:
+    raise ValueError("no images given")
+  stems = {}
+  for path in image_paths:
+    stem = pathlib.Path(path).stem
+    if stem in stems:
+      raise ValueError(f"image files {stems[stem]} and {path} would both write the overlay {stem}.png")
+    stems[stem] = path
+  sizes = _check_image_files(image_paths, config.input)
+  names = class_names_for_config(config) if class_names is None else list(class_names)
+
+  predictor = Predictor(config, variables() if callable(variables) else variables, batch_size=batch_size)
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails on its inputs leaves nothing behind
+  images_json = {}
+  for start in range(0, len(image_paths), predictor.batch_size):
+    paths = image_paths[start:start + predictor.batch_size]
+    images = [coco.read_image(p) for p in paths]
+    for path, image, result, (height, width) in zip(paths, images, predictor(images), sizes[start:]):
+      result = _keep_scores(result, score_threshold)
+      overlay = f"{pathlib.Path(path).stem}.png"
+      drawn = visualize.draw_instances(image, result["boxes"], result["labels"], result["scores"],
+                                       masks=result.get("masks"), keypoints=result.get("keypoints"),
+                                       class_names=names)
+      visualize.save_image(out_dir / overlay, drawn)
+      images_json[path] = {"height": height, "width": width, "overlay": overlay,
+                           "instances": _instances_json(result, names)}
+  json_path = out_dir / "predictions.json"
+  _write_json_atomically(json_path, {
+      "score_threshold": float(score_threshold), "label_space": str(config.model.label_space),
+      "class_names": names, "images": images_json})
+  return json_path
+
+
+def _define_flags():
+  """Flags exist only when this module runs as a program, so importing it (as the library does) defines none."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  config_flags.DEFINE_config_file("config", None, "Config file: configs/FILE.py[:arg].", lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "Checkpoint directory with the model's variables.")
+  flags.DEFINE_multi_string("images", None, "Image files; several after one --images, or --images repeated.")
+  flags.DEFINE_string("out", None, "Output directory: <stem>.png overlays and predictions.json.")
+  flags.DEFINE_float("score_threshold", 0.5, "Detections below this score are neither drawn nor written.")
+  flags.DEFINE_integer("batch_size", 1, "Images per model call.")
+  flags.mark_flags_as_required(["config", "checkpoint", "images", "out"])
+
+
+def main(argv):
+  from absl import app, flags, logging  # pylint: disable=import-outside-toplevel
+
+  from mrcnn_jax import checkpoint  # pylint: disable=import-outside-toplevel
+
+  f = flags.FLAGS
+  # `--images a.jpg b.png` leaves b.png (and the rest) as positional arguments: they are images too.
+  image_paths = list(f.images) + list(argv[1:])
+  stray = [a for a in argv[1:] if a.startswith("-")]
+  if stray:
+    raise app.UsageError(f"unexpected arguments: {stray}")
+  config = f.config
+
+  def load_variables():
+    variables, saved_config = checkpoint.load_inference(f.checkpoint)
+    saved_model = (saved_config or {}).get("model") or {}
+    given_model = json.loads(config.model.to_json_best_effort())
+    differ = sorted(k for k in set(saved_model) | set(given_model) if saved_model.get(k) != given_model.get(k))
+    if saved_model and differ:
+      logging.warning("config.model differs from the config saved with the checkpoint in: %s", ", ".join(differ))
+    return variables
+
+  path = predict_files(config, load_variables, image_paths, f.out, score_threshold=f.score_threshold,
+                       batch_size=f.batch_size)
+  logging.info("wrote %d overlays and %s", len(image_paths), path)
+
+
+if __name__ == "__main__":
+  from absl import app as _app  # pylint: disable=import-outside-toplevel
+
+  _define_flags()
+  _app.run(main)
