@@ -10,7 +10,7 @@ Train (global batch 16; the MSRA R-50 backbone converted with
 `python scripts/convert_weights.py --from detectron2 R-50.pkl --out BACKBONE_DIR`):
 
   python -m mrcnn_jax.main --config=configs/keypoint_rcnn_R50_FPN_1x.py --workdir=/tmp/keypoint_rcnn_R50_FPN_1x \
-      --config.train.init_checkpoint=BACKBONE_DIR \
+      --config.init_from=BACKBONE_DIR \
       --config.dataset.train_json=COCO/annotations/person_keypoints_train2017.json \
       --config.dataset.train_image_dir=COCO/train2017 \
       --config.dataset.val_json=COCO/annotations/person_keypoints_val2017.json \

@@ -7,7 +7,7 @@ Train (global batch 16; the backbone converted with
 `python scripts/convert_weights.py --from detectron2 R-101.pkl --out BACKBONE_DIR`):
 
   python -m mrcnn_jax.main --config=configs/mask_rcnn_R101_FPN_3x.py --workdir=/tmp/mask_rcnn_R101_FPN_3x \
-      --config.train.init_checkpoint=BACKBONE_DIR \
+      --config.init_from=BACKBONE_DIR \
       --config.dataset.train_json=COCO/annotations/instances_train2017.json \
       --config.dataset.train_image_dir=COCO/train2017 \
       --config.dataset.val_json=COCO/annotations/instances_val2017.json \

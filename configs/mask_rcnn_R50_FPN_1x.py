@@ -10,7 +10,7 @@ Train (global batch 16 over the devices of the mesh; the backbone from the MSRA 
 `python scripts/convert_weights.py --from detectron2 R-50.pkl --out BACKBONE_DIR`):
 
   python -m mrcnn_jax.main --config=configs/mask_rcnn_R50_FPN_1x.py --workdir=/tmp/mask_rcnn_R50_FPN_1x \
-      --config.train.init_checkpoint=BACKBONE_DIR \
+      --config.init_from=BACKBONE_DIR \
       --config.dataset.train_json=COCO/annotations/instances_train2017.json \
       --config.dataset.train_image_dir=COCO/train2017 \
       --config.dataset.val_json=COCO/annotations/instances_val2017.json \
@@ -43,6 +43,13 @@ ARGS = ("", "runlocal")
 def get_config(arg=None) -> ml_collections.ConfigDict:
   """Detectron2's mask_rcnn_R_50_FPN_1x; `arg` "runlocal" shrinks it for a quick local run."""
   config = ml_collections.ConfigDict()
+
+  # Fine-tuning: a fresh run (no checkpoint in its workdir yet) starts from these weights: a directory written by
+  # scripts/convert_weights.py or save_variables (an ImageNet backbone, a torchvision or Detectron2 model), or a
+  # training workdir (its latest checkpoint). Variables whose path and shape match are loaded; the others (e.g. the
+  # class-dependent predictors for another number of classes) keep their random init, and the trainer logs which.
+  # The optimizer starts afresh; a resumed run ignores it. "": random init.
+  config.init_from = ""
 
   # --- model: what the Flax modules read (mrcnn_jax/modeling/mask_rcnn.py) ---------------------------------------
   config.model = model = ml_collections.ConfigDict()
@@ -157,6 +164,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   data.train_image_dir = placeholder(str)  # COCO/train2017
   data.val_json = placeholder(str)  # COCO/annotations/instances_val2017.json
   data.val_image_dir = placeholder(str)  # COCO/val2017
+  # A prepared tfds `coco_instances` set (mrcnn_jax/data/tfds_coco.py, read without TensorFlow): when set, training
+  # reads its split train_split and evaluation val_split (with builder config tfds_config) instead of the JSON files.
+  data.tfds_data_dir = placeholder(str)
+  data.tfds_config = "instances"  # "instances" | "person_keypoints"
+  data.train_split = "train2017"  # "train" for a shapes set
+  data.val_split = "val2017"  # "val" for a shapes set
   data.filter_empty_annotations = True  # skip training images without usable annotations, as Detectron2 does
 
   # --- train: SGD with momentum, linear warmup, step decay (Detectron2's SOLVER) ----------------------------------
@@ -175,7 +188,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   train.gamma = 0.1
   train.warmup_iters = 1000  # linear from base_lr * warmup_factor to base_lr
   train.warmup_factor = 0.001
-  train.init_checkpoint = placeholder(str)  # converted ImageNet backbone (MSRA R-50.pkl); None: random init
   train.seed = 0  # model init and, folded with the step, every training step's sampling
   # A step whose total loss or gradient is not finite: True skips its update and counts it (metrics
   # nonfinite_skipped); False applies it and the trainer stops the run, leaving the last good checkpoint.

@@ -18,10 +18,10 @@ Evaluate torchvision's weights (keypointrcnn_resnet50_fpn_coco-fc266e95.pth):
 
 Expected on COCO val2017 (person): box AP 54.6, keypoint AP 65.0 (torchvision's published figures for these weights).
 
-Train with torchvision's recipe (global batch 16; an ImageNet ResNet-50 backbone as init_checkpoint):
+Train with torchvision's recipe (global batch 16; an ImageNet ResNet-50 backbone as init_from):
 
   python -m mrcnn_jax.main --config=configs/torchvision_keypointrcnn_r50_fpn.py --workdir=/tmp/tv_kprcnn_train \
-      --config.train.init_checkpoint=BACKBONE_DIR \
+      --config.init_from=BACKBONE_DIR \
       --config.dataset.train_json=COCO/annotations/person_keypoints_train2017.json \
       --config.dataset.train_image_dir=COCO/train2017 \
       --config.dataset.val_json=COCO/annotations/person_keypoints_val2017.json \

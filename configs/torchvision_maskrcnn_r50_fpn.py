@@ -20,10 +20,10 @@ Evaluate torchvision's weights (maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth):
 
 Expected on COCO val2017: box AP 37.9, mask AP 34.6 (torchvision's published figures for these weights).
 
-Train with torchvision's recipe (global batch 16; an ImageNet ResNet-50 backbone as init_checkpoint):
+Train with torchvision's recipe (global batch 16; an ImageNet ResNet-50 backbone as init_from):
 
   python -m mrcnn_jax.main --config=configs/torchvision_maskrcnn_r50_fpn.py --workdir=/tmp/tv_maskrcnn_train \
-      --config.train.init_checkpoint=BACKBONE_DIR \
+      --config.init_from=BACKBONE_DIR \
       --config.dataset.train_json=COCO/annotations/instances_train2017.json \
       --config.dataset.train_image_dir=COCO/train2017 \
       --config.dataset.val_json=COCO/annotations/instances_val2017.json \

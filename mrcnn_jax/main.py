@@ -1,20 +1,111 @@
-r"""Train a model: `python -m mrcnn_jax.main --config=configs/FILE.py[:arg] --workdir=DIR [--config.key=value ...]`.
+r"""Train and evaluate: `python -m mrcnn_jax.main --config=configs/FILE.py[:arg] --workdir=DIR [--config.key=value ...]`.
 
 The config is an ml_collections file, locked, so a misspelt override fails before anything runs. Restarting with the
 same workdir resumes from its newest checkpoint. On a TPU pod or a multi-node GPU cluster, run the same command on
 every host with `--distributed` (jax.distributed.initialize: it finds the coordinator itself on Cloud TPU and
 under SLURM; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID); each host then reads its
 own shard of the data and the global batch is split over all devices.
+
+The job (`run`): with `dataset.name == "shapes"` the synthetic set is generated first unless it is already there;
+then training (evaluating every train.eval_every steps), a final COCO evaluation of the held-out set whose AP table
+is printed and written to `<workdir>/eval/metrics.json`, and `<workdir>/predictions.png`, a grid of val images with
+the predicted boxes, masks, labels and scores.
 """
 
-from absl import app, flags, logging
+from __future__ import annotations
+
+import logging
+import pathlib
+
+from absl import app, flags
 from ml_collections import config_flags
+
+log = logging.getLogger(__name__)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file: configs/FILE.py[:arg].", lock_config=True)
-flags.DEFINE_string("workdir", None, "Where checkpoints and metrics.jsonl go; an existing one is resumed.")
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl, eval/ and predictions.png go; an existing one "
+                    "is resumed.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host runs).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+PREDICTIONS_IMAGE = "predictions.png"
+EVAL_DIR = "eval"
+
+
+def prepare_shapes(config, workdir) -> None:
+  """Generate the shapes set named by config.dataset.shapes (in its `dir`, or `<workdir>/shapes_data`) unless it is
+  already complete there, and point config.dataset's train/val fields at it."""
+  from mrcnn_jax.data import shapes  # pylint: disable=import-outside-toplevel
+
+  s = config.dataset.shapes
+  root = pathlib.Path(s.dir) if s.dir else pathlib.Path(workdir) / "shapes_data"
+  size = int(s.image_size)
+  paths = shapes.ensure_dataset(root, int(s.num_train), int(s.num_val), int(s.seed), (size, size))
+  data = config.dataset
+  data.train_json, data.train_image_dir = str(paths["train_annotations"]), str(paths["train_images"])
+  data.val_json, data.val_image_dir = str(paths["val_annotations"]), str(paths["val_images"])
+
+
+def _has_val_data(config) -> bool:
+  data = config.dataset
+  return bool(data.get("tfds_data_dir") or (data.get("val_json") and data.get("val_image_dir")))
+
+
+def _variables(state) -> dict:
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def write_predictions_image(config, variables, source, path, *, num_images: int = 8, cols: int = 4,
+                            score_threshold: float = 0.5) -> pathlib.Path:
+  """A grid of the first `num_images` images of `source` with their predictions drawn (atomically written PNG)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from mrcnn_jax import predict, visualize  # pylint: disable=import-outside-toplevel
+
+  images = [source.load_image(record) for record in source.records[:num_images]]
+  predictor = predict.Predictor(config, variables, batch_size=min(len(images), int(config.train.batch_size)) or 1)
+  names = predict.class_names_for_config(config)
+  tiles = []
+  for image, result in zip(images, predictor(images)):
+    keep = result["scores"] >= score_threshold
+    tiles.append(visualize.draw_instances(
+        image, result["boxes"][keep], result["labels"][keep], result["scores"][keep],
+        masks=result["masks"][keep] if "masks" in result else None,
+        keypoints=result["keypoints"][keep] if "keypoints" in result else None, class_names=names))
+  return visualize.save_image(path, visualize.make_grid([np.asarray(t) for t in tiles], cols))
+
+
+def run(config, workdir) -> dict | None:
+  """The whole job in `workdir`; returns the final evaluation metrics (None without a val set)."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from mrcnn_jax import evaluate, train  # pylint: disable=import-outside-toplevel
+
+  workdir = pathlib.Path(workdir)
+  if config.dataset.name == "shapes":
+    prepare_shapes(config, workdir)
+  evaluate_fn, val_source = None, None
+  if _has_val_data(config):
+    val_source = evaluate.load_eval_source(config)
+
+    def evaluate_fn(state, step):
+      return evaluate.evaluate(config, _variables(state), val_source, workdir / EVAL_DIR / f"step_{step}")
+
+  state = train.train(config, workdir, evaluate_fn=evaluate_fn)
+  if val_source is None:
+    log.info("no evaluation set configured (config.dataset.val_json / val_image_dir / tfds_data_dir); done")
+    return None
+  variables = jax.device_get(_variables(state))
+  metrics = evaluate.evaluate(config, variables, val_source, workdir / EVAL_DIR)
+  table = evaluate.format_table(metrics)
+  if jax.process_index() == 0:
+    print(f"COCO evaluation of {len(val_source.records)} held-out images (step {int(state.step)}):\n{table}",
+          flush=True)
+    image = write_predictions_image(config, variables, val_source, workdir / PREDICTIONS_IMAGE)
+    print(f"checkpoint: {workdir / 'checkpoints'}\nmetrics: {workdir / EVAL_DIR / 'metrics.json'}\n"
+          f"predictions: {image}", flush=True)
+  return metrics
 
 
 def main(argv):
@@ -24,11 +115,9 @@ def main(argv):
 
   if FLAGS.distributed:
     jax.distributed.initialize()
-  from mrcnn_jax import train
-
-  logging.info("jax %s, %d processes, %d devices (%s)", jax.__version__, jax.process_count(), jax.device_count(),
-               jax.devices()[0].device_kind)
-  train.train(FLAGS.config, FLAGS.workdir)
+  log.info("jax %s, %d processes, %d devices (%s)", jax.__version__, jax.process_count(), jax.device_count(),
+           jax.devices()[0].device_kind)
+  run(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

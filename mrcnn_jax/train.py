@@ -4,6 +4,8 @@ Small top-level functions that a notebook can import (flax examples/imagenet sty
 
   config --make_optimizer--> optax SGD: momentum, weight decay by parameter kind, frozen backbone stages untouched
   config, key --create_train_state--> TrainState(step, params, batch_stats, opt_state)
+  state, DIR --init_from_pretrained--> the state with pretrained weights wherever path and shape match
+    (`merge_pretrained`: the pure merge, and a report of what was not loaded)
   devices --make_mesh--> a 1-D data-parallel Mesh
   config, model, mesh --jit_train_step--> step(state, global batch) -> (state, metrics), state donated
 
@@ -16,11 +18,13 @@ The loop around the step (data, logging, checkpoints, stopping on a non-finite l
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
+import math
 import pathlib
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -32,6 +36,8 @@ from jax.sharding import PartitionSpec as P
 
 from mrcnn_jax.modeling import mask_rcnn
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+
+log = logging.getLogger(__name__)
 
 # Parameter kinds of `param_labels`: each gets its own weight decay, frozen ones no update at all.
 FROZEN, KERNEL, BIAS, NORM = "frozen", "kernel", "bias", "norm"
@@ -183,6 +189,131 @@ def create_train_state(config, key, canvas_hw=(128, 128)) -> TrainState:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Fine-tuning: pretrained variables merged into a fresh initialization.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class MergeReport(NamedTuple):
+  """What `merge_pretrained` took from the source; paths are "/"-joined ("params/box_head/cls_score/kernel").
+
+  loaded: leaves taken from the source (same path and shape).
+  shape_mismatch: (path, model shape, source shape) of leaves present in both with different shapes: kept as
+    initialized (e.g. the class-dependent predictors when the number of classes changes).
+  missing: leaves of the model absent from the source: kept as initialized (e.g. the heads, for a backbone-only
+    checkpoint).
+  unused: leaves of the source absent from the model (e.g. a keypoint head the model does not have).
+  """
+
+  loaded: tuple[str, ...]
+  shape_mismatch: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]
+  missing: tuple[str, ...]
+  unused: tuple[str, ...]
+
+
+def _path_name(path) -> str:
+  """A pytree key path as "params/box_head/cls_score/kernel"."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def _flatten(tree) -> dict[str, Any]:
+  return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def merge_pretrained(init_variables, loaded_variables) -> tuple[Any, MergeReport]:
+  """Pretrained variables merged into freshly initialized ones, leaf by leaf (a pure function).
+
+  Args:
+    init_variables: the model's variables, {"params": ..., "batch_stats": ...} (`mask_rcnn.init_variables`).
+    loaded_variables: the source's, in the same layout (`checkpoint.load_inference`), for another model possibly:
+      another number of classes, no mask head, only a backbone.
+
+  Returns:
+    (variables, report): variables has the structure of `init_variables`; a leaf whose path and shape are also in
+    the source is the source's array (numpy, cast to the initialized leaf's dtype), every other leaf is the
+    initialized one, unchanged. The report lists which is which (`MergeReport`).
+  """
+  source = _flatten(loaded_variables)
+  model_paths = set(_flatten(init_variables))
+  loaded, mismatch, missing = [], [], []
+
+  def take(path, init):
+    name = _path_name(path)
+    if name not in source:
+      missing.append(name)
+      return init
+    src = source[name]
+    if tuple(np.shape(src)) != tuple(np.shape(init)):
+      mismatch.append((name, tuple(np.shape(init)), tuple(np.shape(src))))
+      return init
+    loaded.append(name)
+    return np.asarray(src, dtype=init.dtype)
+
+  variables = jax.tree_util.tree_map_with_path(take, init_variables)
+  unused = sorted(set(source) - model_paths)
+  return variables, MergeReport(tuple(loaded), tuple(mismatch), tuple(missing), tuple(unused))
+
+
+def collapse_paths(paths, universe) -> list[str]:
+  """`paths` ("/"-joined leaf paths, a subset of `universe`) for a log line: a subtree of `universe` with several
+  leaves, all in `paths`, is named once as "prefix/* (N)", e.g. ["params/fpn/* (16)", "params/rpn/conv/bias"]."""
+  def prefixes(path):
+    parts = tuple(path.split("/"))
+    return [parts[:i] for i in range(1, len(parts) + 1)]
+
+  total, hit = collections.Counter(), collections.Counter()
+  for path in universe:
+    total.update(prefixes(path))
+  for path in paths:
+    hit.update(prefixes(path))
+  out = []
+  for path in sorted(paths):
+    top = next(p for p in prefixes(path) if hit[p] == total[p])  # the widest subtree entirely in `paths`
+    name = "/".join(top)
+    entry = path if total[top] == 1 else f"{name}/* ({total[top]})"
+    if entry not in out:
+      out.append(entry)
+  return out
+
+
+def log_merge_report(report: MergeReport, source: str) -> None:
+  """Logs what `merge_pretrained` did: a count at INFO; what was not loaded, and what went unused, at WARNING."""
+  model_paths = list(report.loaded) + [m[0] for m in report.shape_mismatch] + list(report.missing)
+  log.info("init_from %s: loaded %d of the model's %d variables", source, len(report.loaded), len(model_paths))
+  if report.shape_mismatch:
+    mismatches = ", ".join(f"{name} model {a} vs source {b}" for name, a, b in report.shape_mismatch)
+    log.warning("init_from %s: %d variables not loaded, their shapes differ (kept as initialized): %s", source,
+                len(report.shape_mismatch), mismatches)
+  if report.missing:
+    log.warning("init_from %s: %d variables not in the source (kept as initialized): %s", source,
+                len(report.missing), ", ".join(collapse_paths(report.missing, model_paths)))
+  if report.unused:
+    source_paths = list(report.loaded) + [m[0] for m in report.shape_mismatch] + list(report.unused)
+    log.warning("init_from %s: %d source variables unused (not in the model): %s", source, len(report.unused),
+                ", ".join(collapse_paths(report.unused, source_paths)))
+
+
+def init_from_pretrained(state: TrainState, directory) -> TrainState:
+  """`state` with its params and batch_stats merged with the checkpoint in `directory` (`merge_pretrained`).
+
+  directory: anything `checkpoint.load_inference` reads: a `save_variables` directory (converted torchvision or
+  Detectron2 weights, an exported model), a training workdir, its checkpoints/ directory or one step of it. The
+  step and the optimizer state stay as they are (a fresh state's: step 0, no momentum). Logs what was not loaded;
+  raises ValueError when nothing matched (not a checkpoint of this kind of model).
+  """
+  from mrcnn_jax import checkpoint
+
+  loaded, _ = checkpoint.load_inference(directory)
+  init = {"params": state.params, "batch_stats": state.batch_stats}
+  variables, report = merge_pretrained(init, loaded)
+  log_merge_report(report, str(directory))
+  if not report.loaded:
+    raise ValueError(f"init_from={directory}: no variable of the checkpoint matches the model in path and "
+                     "shape; is it a checkpoint of this library's Mask R-CNN (converted with "
+                     "scripts/convert_weights.py)?")
+  return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # One step.
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -228,7 +359,7 @@ def train_step(state: TrainState, batch: dict, *, config, model: MaskRCNN) -> tu
   finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
   skipped = jnp.zeros((), jnp.int32)
   if config.train.skip_nonfinite:
-    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     params = keep_if_bad(params, state.params)
     opt_state = keep_if_bad(opt_state, state.opt_state)
     batch_stats = keep_if_bad(batch_stats, state.batch_stats)
@@ -276,18 +407,25 @@ def jit_train_step(config, model: MaskRCNN, mesh: Mesh, state_sharding=None, dat
 
 
 def load_train_source(config):
-  """The training set of `config.dataset` (COCO-format JSON + image folder)."""
-  from mrcnn_jax.data import coco
-
+  """The training set of `config.dataset`: split train_split of the prepared tfds set in tfds_data_dir when that is
+  set, else train_json with its images in train_image_dir."""
   data = config.dataset
+  if data.get("tfds_data_dir"):
+    from mrcnn_jax.data import tfds_coco
+
+    return tfds_coco.load_tfds_source(data.tfds_data_dir, data.train_split, train=True,
+                                      skip_empty=data.filter_empty_annotations, config=data.tfds_config)
   if not data.train_json or not data.train_image_dir:
     raise ValueError("config.dataset.train_json and config.dataset.train_image_dir must be set (COCO-format "
-                     "annotations and their image folder)")
+                     "annotations and their image folder), or config.dataset.tfds_data_dir (a prepared "
+                     "coco_instances set)")
+  from mrcnn_jax.data import coco
+
   return coco.load_coco(data.train_json, data.train_image_dir, train=True,
                         skip_empty=data.filter_empty_annotations)
 
 
-def train(config, workdir, *, source=None, stop_after: int | None = None) -> TrainState:
+def train(config, workdir, *, source=None, stop_after: int | None = None, evaluate_fn=None) -> TrainState:
   """Train (or resume) in `workdir` until config.train.max_iter; returns the final state.
 
   Resumes from the newest checkpoint in `<workdir>/checkpoints`: parameters, optimizer state, step and the input
@@ -295,6 +433,13 @@ def train(config, workdir, *, source=None, stop_after: int | None = None) -> Tra
   interruption. SIGTERM (preemption) saves a checkpoint at the next step boundary and returns. A non-finite loss
   stops the run with FloatingPointError naming the step, its losses and the last good checkpoint (unless
   train.skip_nonfinite). `stop_after` ends the run after that many steps of this call (tests, notebooks).
+
+  A fresh run (no checkpoint in the workdir) with init_from set starts from those weights where they fit the
+  model (`init_from_pretrained`); a resumed run ignores it. Process 0 logs every train.log_every steps to the
+  console, `<workdir>/metrics.jsonl` and TensorBoard events in `<workdir>/tensorboard` (`train_log.MetricWriters`).
+
+  `evaluate_fn(state, step) -> dict` (optional) runs every train.eval_every steps before the last one (the caller
+  evaluates the final state); its metrics are logged beside the losses. Every process calls it.
   """
   import time
 
@@ -321,12 +466,18 @@ def train(config, workdir, *, source=None, stop_after: int | None = None) -> Tra
     state, data_state, step = restored
     if data_state is not None:
       data_iter.set_state(data_state)
-    logging.info("resumed from %s at step %d", ckpt.directory, step)
+    log.info("resumed from %s at step %d", ckpt.directory, step)
+    if config.init_from:
+      log.info("init_from=%s ignored: the run resumes from its own checkpoint", config.init_from)
+  elif config.init_from:
+    # A fresh run only: the optimizer state stays the fresh one (no momentum), as it does for any fine-tuning.
+    state = jax.device_put(init_from_pretrained(state, config.init_from), replicated)
   step = int(state.step)
   step_fn = jit_train_step(config, model, mesh)
   # --- loop ------------------------------------------------------------------------------------------------------
-  # One writer for the whole run: process 0 logs (the metrics are replicated, every process holds the same values).
-  writer = train_log.JsonlWriter(workdir / "metrics.jsonl") if jax.process_index() == 0 else None
+  # One set of writers for the whole run: process 0 logs (the metrics are replicated, every process holds the same
+  # values): metrics.jsonl and TensorBoard events in <workdir>/tensorboard.
+  writer = train_log.MetricWriters.for_workdir(workdir, start_step=step) if jax.process_index() == 0 else None
   preemption = checkpoint.install_preemption_handler()
   steps_done = 0
   start = time.perf_counter()
@@ -347,13 +498,17 @@ def train(config, workdir, *, source=None, stop_after: int | None = None) -> Tra
         values = {k: float(v) for k, v in metrics.items() if k != "finite"}
         seconds = (time.perf_counter() - start) / steps_done
         if writer is not None:
-          logging.info(train_log.format_line(step, tc.max_iter, values, seconds_per_iter=seconds,
+          log.info(train_log.format_line(step, tc.max_iter, values, seconds_per_iter=seconds,
                                              data_seconds=data_seconds))
-          writer.write(step, values)
+          writer.write(step, dict(values, time=seconds, data_time=data_seconds))
       # A signal reaches one host; every process must stop (and save) at the same step: a collective check.
       stop = preemption.sync_requested() or (stop_after is not None and steps_done >= stop_after)
       if step % tc.checkpoint_every == 0 or step == tc.max_iter or stop:
         ckpt.save(step, state, data_state=data_iter.get_state(), config=config, force=True)
+      if evaluate_fn is not None and tc.eval_every and step % tc.eval_every == 0 and step < tc.max_iter and not stop:
+        eval_metrics = evaluate_fn(state, step)
+        if writer is not None and eval_metrics:
+          writer.write(step, {k: v for k, v in eval_metrics.items() if isinstance(v, float) and math.isfinite(v)})
       if stop:
         break
   finally:

@@ -288,3 +288,34 @@ def test_canvas_holds_the_largest_resized_image(in_root, name, arg):
   assert all(side % d == 0 for side in inp.canvas_hw)
   assert min(inp.canvas_hw) >= -(-longest // d) * d
   assert max(inp.min_size_train) <= inp.max_size_train and inp.min_size_test <= inp.max_size_test
+
+
+# --- the main job's config ----------------------------------------------------------------------------------------------
+
+
+def test_shapes_config_is_the_base_shrunk_for_a_cpu(in_root):
+  shapes, base = _load("shapes"), _load(BASE)
+  assert shapes.is_locked and shapes.dataset.name == "shapes"
+  assert shapes.model.num_classes == 3 and shapes.input.canvas_hw == (128, 128)
+  # From scratch: statistics are learned and nothing is frozen.
+  assert shapes.model.backbone.norm == "BN" and shapes.model.backbone.freeze_at == 0 and not shapes.init_from
+  # Every field of the base exists in the shapes config; it only adds dataset.shapes.
+  flat_shapes, flat_base = _flatten(shapes.to_dict()), _flatten(base.to_dict())
+  assert set(flat_base) < set(flat_shapes)
+  assert all(k.startswith("dataset.shapes.") for k in set(flat_shapes) - set(flat_base))
+  local = _load("shapes", "runlocal")
+  assert local.train.max_iter < shapes.train.max_iter
+  assert local.dataset.shapes.num_train < shapes.dataset.shapes.num_train
+  assert local.model.to_dict() == shapes.model.to_dict()
+  with pytest.raises(flags.IllegalFlagValueError, match="nosuch"):
+    _load("shapes", "nosuch")
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out

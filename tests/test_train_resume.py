@@ -1,5 +1,6 @@
 """The training loop resumes exactly: 6 steps straight and 3 steps + restart + 3 steps end with the same params and
-the same loss curve (checkpointed params, optimizer state, step, and the input iterator's position)."""
+the same loss curve (checkpointed params, optimizer state, step, and the input iterator's position); the TensorBoard
+events of the two calls read back as the one series of metrics.jsonl."""
 
 import json
 
@@ -37,6 +38,29 @@ def _losses(workdir):
   return [json.loads(line)["total_loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _tensorboard_scalars(workdir):
+  """{tag: [(step, value), ...]} of `<workdir>/tensorboard` as TensorBoard reads it."""
+  from tensorboard.backend.event_processing import event_accumulator
+
+  acc = event_accumulator.EventAccumulator(str(workdir / "tensorboard"),
+                                           size_guidance={event_accumulator.SCALARS: 0})
+  acc.Reload()
+  return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _assert_tensorboard_matches_jsonl(workdir):
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  scalars = _tensorboard_scalars(workdir)
+  tags = set(records[0]) - {"iteration"}
+  assert {"total_loss", "loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask", "lr", "time",
+          "data_time"} <= tags
+  assert set(scalars) == tags
+  for tag in tags:
+    assert [step for step, _ in scalars[tag]] == [r["iteration"] for r in records]
+    # TensorBoard stores float32.
+    np.testing.assert_array_equal([v for _, v in scalars[tag]], np.float32([r[tag] for r in records]))
+
+
 def test_resume_gives_the_same_run(tmp_path, load_config):
   shapes.write_dataset(tmp_path / "data", 24, 0, seed=0, size_hw=(64, 64))
   config = _config(load_config, tmp_path / "data")
@@ -51,5 +75,8 @@ def test_resume_gives_the_same_run(tmp_path, load_config):
   np.testing.assert_allclose(_losses(tmp_path / "b"), _losses(tmp_path / "a"), rtol=1e-6)
   for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  # The resumed run's events (two event files) read back as one series, equal to metrics.jsonl.
+  _assert_tensorboard_matches_jsonl(tmp_path / "b")
+  assert len(list((tmp_path / "b" / "tensorboard").iterdir())) == 2
   losses = _losses(tmp_path / "a")
   assert len(set(losses)) == 6  # the steps differ (a test that compared one repeated batch would pass trivially)

@@ -1,0 +1,132 @@
+"""notebooks/eval.ipynb, executed end to end with nbclient on a tiny random-init checkpoint and a tiny shapes set.
+
+The kernel is the Python running the tests: a "python3" kernelspec written into the test's folder (found first through
+JUPYTER_PATH) runs `sys.executable -m ipykernel_launcher`, so neither an activated venv, nor PATH, nor a kernelspec
+installed elsewhere (a user's ~/.local/share/jupyter/kernels/python3 pointing at another Python) decides which
+interpreter runs the notebook. It starts in the test's folder, never the repository root, whose mrcnn_jax would shadow
+the installed package (the source tree has no kernels/ subpackage).
+
+nbclient, nbformat and ipykernel are dev dependencies: when they are missing these tests fail, they do not skip.
+"""
+
+import ast
+import json
+import os
+import pathlib
+import sys
+
+import jax
+import nbclient
+import nbformat
+from jupyter_client.kernelspec import KernelSpecManager
+
+from mrcnn_jax import checkpoint, config_files
+from mrcnn_jax.data import shapes
+from mrcnn_jax.modeling import mask_rcnn
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "eval.ipynb"
+BASE_CONFIG = ROOT / "configs" / "mask_rcnn_R50_FPN_1x.py"
+CANVAS = 64
+# A tiny model (ResNet-18 at a quarter width, 64 x 64 canvas): random weights, so the scores mean nothing, but every
+# step of the notebook runs, and it compiles in seconds on a CPU.
+OVERRIDES = {
+    "model.num_classes": 3,
+    "model.backbone.depth": 18,
+    "model.backbone.width": 16,
+    "model.fpn.channels": 32,
+    "model.rpn.pre_nms_topk_test": 50,
+    "model.rpn.post_nms_topk_test": 20,
+    "model.roi_heads.fc_dim": 32,
+    "model.roi_heads.detections_per_image": 10,
+    "model.mask_head.conv_dim": 16,
+    "input.canvas_hw": (CANVAS, CANVAS),
+    "input.min_size_test": 64,
+    "input.max_size_test": 64,
+    # Inputs of unit scale (the base config's std is 1 on 0..255 pixels), so that random weights give detections.
+    "input.pixel_std": (58.395, 57.12, 57.375),
+    "dataset.name": "shapes",
+}
+
+
+def _tiny_config():
+  config = config_files.load_config(str(BASE_CONFIG))
+  for key, value in OVERRIDES.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _write_kernelspec(jupyter_dir: pathlib.Path) -> None:
+  """A "python3" kernelspec that runs this interpreter on the CPU with one device (the test session's 8 forced CPU
+  devices, conftest.py, would only make the kernel slower)."""
+  xla_flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                       if not f.startswith("--xla_force_host_platform_device_count"))
+  spec = {
+      "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+      "display_name": "Python 3 (test)",
+      "language": "python",
+      "env": {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags},
+  }
+  kernel_dir = jupyter_dir / "kernels" / "python3"
+  kernel_dir.mkdir(parents=True)
+  (kernel_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
+
+
+def _parameters_cell(nb):
+  cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+  assert len(cells) == 1, "the notebook needs exactly one cell tagged 'parameters'"
+  return cells[0]
+
+
+def _text(cell) -> str:
+  return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+
+
+def test_committed_notebook_is_valid_and_has_no_outputs():
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  nbformat.validate(nb)
+  assert nb.metadata.kernelspec.name == "python3"
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  assert all(not c.outputs and c.execution_count is None for c in code), "clear the notebook's outputs"
+  source = _parameters_cell(nb).source
+  for name in ("CHECKPOINT", "CONFIG", "DATA_JSON", "IMAGE_DIR", "NUM_IMAGES"):
+    assert f"{name} =" in source
+
+
+def test_eval_notebook_runs_end_to_end(tmp_path, monkeypatch):
+  config = _tiny_config()
+  variables = jax.device_get(mask_rcnn.init_variables(config, jax.random.key(0), (CANVAS, CANVAS)))
+  ckpt = checkpoint.save_variables(tmp_path / "ckpt", variables, config=config)
+  data = shapes.write_dataset(tmp_path / "shapes_data", num_train=0, num_val=4, seed=0)
+
+  _write_kernelspec(tmp_path / "jupyter")
+  monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+  assert KernelSpecManager().get_kernel_spec("python3").argv[0] == sys.executable
+
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  _parameters_cell(nb).source = "\n".join([
+      f"CHECKPOINT = {str(ckpt)!r}",
+      "CONFIG = None",  # the config saved with the checkpoint
+      f"DATA_JSON = {str(data['val_annotations'])!r}",
+      f"IMAGE_DIR = {str(data['val_images'])!r}",
+      "NUM_IMAGES = 3",
+      "SCORE_THRESHOLD = 0.0",
+  ])
+  client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                   resources={"metadata": {"path": str(tmp_path)}})
+  client.execute()  # raises CellExecutionError, with the cell and its traceback, if a cell fails
+
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == "error"]
+  assert any("image/png" in o.get("data", {}) for o in outputs if o.output_type == "display_data")
+  (draw_cell,) = [c for c in nb.cells if "visualize.draw_instances" in c.source]
+  counts = ast.literal_eval(_text(draw_cell).split("detections drawn per image:")[1].strip())
+  assert len(counts) == 3 and sum(counts) > 0, counts  # the overlays show something
+  (eval_cell,) = [c for c in nb.cells if "evaluate.format_table" in c.source]
+  table = _text(eval_cell)
+  for header in ("Evaluation results for bbox:", "Evaluation results for segm:", "AP50", "APl"):
+    assert header in table, table
