@@ -174,18 +174,16 @@ class MaskRCNN(nn.Module):
     cls_logits, box_deltas = self.box_head(self.pool(feats, samples["rois"], cfg.pooler.box_resolution))
     out.update(loss_fns.fast_rcnn_losses(cls_logits, box_deltas, samples, smooth_l1_beta=rh.smooth_l1_beta))
 
-    # Mask head on the foreground RoIs, which `sample_rois` puts in the first slots.
+    # Mask and keypoint heads on the foreground RoIs, which `sample_rois` puts in the first slots.
+    f = int(rh.batch_size_per_image * rh.positive_fraction)
+    fg = {k: v[:, :f] for k, v in samples.items()}
     if cfg.mask_head.enabled:
-      f = int(rh.batch_size_per_image * rh.positive_fraction)
-      fg = {k: v[:, :f] for k, v in samples.items()}
       mask_logits = self.mask_head(self.pool(feats, fg["rois"], cfg.pooler.mask_resolution))
       out.update(loss_fns.mask_loss(
           mask_logits, fg["rois"], fg["classes"], fg["matched"], fg["valid"] & (fg["classes"] > 0),
           batch["gt_masks"], gt_boxes, convention=convention))
     # Keypoint head on the same foreground RoIs, each with its matched instance's keypoints.
     if cfg.keypoint_head.enabled:
-      f = int(rh.batch_size_per_image * rh.positive_fraction)
-      fg = {k: v[:, :f] for k, v in samples.items()}
       heatmaps = self.keypoint_head(self.pool(feats, fg["rois"], cfg.pooler.keypoint_resolution))
       keypoints = jnp.take_along_axis(batch["gt_keypoints"], fg["matched"][..., None, None], axis=1)
       targets, valid = loss_fns.keypoint_targets(keypoints, fg["rois"], heatmaps.shape[2])
