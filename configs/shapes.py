@@ -71,12 +71,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   t = config.train
   t.batch_size = 8
   t.base_lr = 0.02
-  t.max_iter = 1500
-  t.steps = (1200, 1400)
+  t.max_iter = 1000
+  t.steps = (750, 920)
   t.warmup_iters = 100
   t.log_every = 50
   t.checkpoint_every = 500
-  t.eval_every = 1500
+  t.eval_every = 500
   t.num_workers = 1
   return finalize(config, arg)
 

@@ -30,6 +30,15 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first
 flags.mark_flags_as_required(["config", "workdir"])
 
 PREDICTIONS_IMAGE = "predictions.png"
+# Libraries whose INFO lines (every orbax save, jax's backend probing) would drown the progress lines.
+_QUIET_BELOW_WARNING = ("/orbax/", "/jax/_src/", "/grain/")
+
+
+class _LibraryInfoFilter(logging.Filter):
+  """Drops INFO and DEBUG records logged from `_QUIET_BELOW_WARNING`'s packages; their warnings still show."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not any(p in record.pathname for p in _QUIET_BELOW_WARNING)
 EVAL_DIR = "eval"
 
 
@@ -57,23 +66,31 @@ def _variables(state) -> dict:
 
 
 def write_predictions_image(config, variables, source, path, *, num_images: int = 8, cols: int = 4,
-                            score_threshold: float = 0.5) -> pathlib.Path:
-  """A grid of the first `num_images` images of `source` with their predictions drawn (atomically written PNG)."""
+                            score_threshold: float = 0.5, min_side: int = 256) -> pathlib.Path:
+  """A grid of the first `num_images` images of `source` with their predictions drawn (atomically written PNG).
+
+  Small images (the 128 px shapes) are enlarged by an integer factor to at least `min_side` px first, so that the
+  labels stay readable next to the shapes.
+  """
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   from mrcnn_jax import predict, visualize  # pylint: disable=import-outside-toplevel
 
   images = [source.load_image(record) for record in source.records[:num_images]]
-  predictor = predict.Predictor(config, variables, batch_size=min(len(images), int(config.train.batch_size)) or 1)
+  predictor = predict.Predictor(config, variables, batch_size=max(1, min(len(images), int(config.train.batch_size))))
   names = predict.class_names_for_config(config)
   tiles = []
   for image, result in zip(images, predictor(images)):
+    k = max(1, -(-min_side // min(image.shape[:2])))
     keep = result["scores"] >= score_threshold
+    masks = result["masks"][keep].repeat(k, axis=1).repeat(k, axis=2) if "masks" in result else None
+    keypoints = None
+    if "keypoints" in result:
+      keypoints = result["keypoints"][keep] * np.array([k, k, 1], np.float32)
     tiles.append(visualize.draw_instances(
-        image, result["boxes"][keep], result["labels"][keep], result["scores"][keep],
-        masks=result["masks"][keep] if "masks" in result else None,
-        keypoints=result["keypoints"][keep] if "keypoints" in result else None, class_names=names))
-  return visualize.save_image(path, visualize.make_grid([np.asarray(t) for t in tiles], cols))
+        image.repeat(k, axis=0).repeat(k, axis=1), result["boxes"][keep] * k, result["labels"][keep],
+        result["scores"][keep], masks=masks, keypoints=keypoints, class_names=names))
+  return visualize.save_image(path, visualize.make_grid(tiles, cols))
 
 
 def run(config, workdir) -> dict | None:
@@ -112,7 +129,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax
+  from absl import logging as absl_logging
 
+  absl_logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   if FLAGS.distributed:
     jax.distributed.initialize()
   log.info("jax %s, %d processes, %d devices (%s)", jax.__version__, jax.process_count(), jax.device_count(),

@@ -45,8 +45,8 @@ def test_main_job_runs_end_to_end_on_shapes(tmp_path):
   assert (workdir / "eval" / "coco_instances_results.json").exists()
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["10", "5"]
   with Image.open(workdir / "predictions.png") as image:
-    # 8 val images of 128 x 128 in a 4-column grid with 2 px padding.
-    assert image.size[0] > 4 * 128 and image.size[1] > 2 * 128
+    # 8 val images of 128 x 128, enlarged 2x, in a 4-column grid with padding.
+    assert 4 * 256 < image.size[0] < 4 * 256 + 20 and 2 * 256 < image.size[1] < 2 * 256 + 20
   # The metrics of the run's steps and of the evaluation are logged as JSON lines.
   lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [line["step"] for line in lines if "total_loss" in line] == list(range(1, 11))
