@@ -491,9 +491,10 @@ def train(config, workdir, *, source=None, stop_after: int | None = None, evalua
       steps_done += 1
       if not tc.skip_nonfinite and not bool(metrics["finite"]):
         losses = {k: float(v) for k, v in metrics.items() if k.startswith("loss") or k == "total_loss"}
-        raise FloatingPointError(
-            f"non-finite loss at step {step}: {losses}; the last good checkpoint is step {ckpt.latest_step()} in "
-            f"{ckpt.directory} (left intact)")
+        last = ckpt.latest_step()
+        where = (f"the last good checkpoint is step {last} in {ckpt.directory} (left intact)" if last is not None
+                 else f"no checkpoint was saved yet in {ckpt.directory}")
+        raise FloatingPointError(f"non-finite loss at step {step}: {losses}; {where}")
       if step % tc.log_every == 0 or step == tc.max_iter:
         values = {k: float(v) for k, v in metrics.items() if k != "finite"}
         seconds = (time.perf_counter() - start) / steps_done

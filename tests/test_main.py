@@ -49,4 +49,4 @@ def test_main_job_runs_end_to_end_on_shapes(tmp_path):
     assert 4 * 256 < image.size[0] < 4 * 256 + 20 and 2 * 256 < image.size[1] < 2 * 256 + 20
   # The metrics of the run's steps and of the evaluation are logged as JSON lines.
   lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert [line["step"] for line in lines if "total_loss" in line] == list(range(1, 11))
+  assert [line["iteration"] for line in lines if "total_loss" in line] == list(range(1, 11))

@@ -6,6 +6,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from mrcnn_jax import train
 from mrcnn_jax.data import coco, shapes
@@ -80,3 +81,34 @@ def test_resume_gives_the_same_run(tmp_path, load_config):
   assert len(list((tmp_path / "b" / "tensorboard").iterdir())) == 2
   losses = _losses(tmp_path / "a")
   assert len(set(losses)) == 6  # the steps differ (a test that compared one repeated batch would pass trivially)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path, load_config):
+  """Two good steps are checkpointed; then the input overflows (pixel_std ~ 0 makes the images inf): step 3's loss is
+  not finite, the run stops naming it and checkpoint 2, which stays restorable and untouched."""
+  from mrcnn_jax import checkpoint
+
+  shapes.write_dataset(tmp_path / "data", 8, 0, seed=0, size_hw=(64, 64))
+  config = _config(load_config, tmp_path / "data")
+  config.train.checkpoint_every = 1
+  source = coco.load_coco(config.dataset.train_json, config.dataset.train_image_dir, train=True)
+  good = train.train(config, tmp_path / "w", source=source, stop_after=2)
+
+  config.input.pixel_std = (1e-45, 1e-45, 1e-45)
+  with pytest.raises(FloatingPointError, match=r"non-finite loss at step 3: .*last good checkpoint is step 2"):
+    train.train(config, tmp_path / "w", source=source)
+  with checkpoint.TrainCheckpointer(tmp_path / "w") as ckpt:
+    assert ckpt.all_steps() == [1, 2]
+    state, _, step = ckpt.restore()
+  assert step == 2
+  for a, b in zip(jax.tree.leaves(good.params), jax.tree.leaves(state["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_non_finite_loss_before_any_checkpoint_says_so(tmp_path, load_config):
+  shapes.write_dataset(tmp_path / "data", 8, 0, seed=0, size_hw=(64, 64))
+  config = _config(load_config, tmp_path / "data")
+  config.input.pixel_std = (1e-45, 1e-45, 1e-45)
+  source = coco.load_coco(config.dataset.train_json, config.dataset.train_image_dir, train=True)
+  with pytest.raises(FloatingPointError, match=r"non-finite loss at step 1: .*no checkpoint was saved yet"):
+    train.train(config, tmp_path / "w", source=source)
