@@ -381,7 +381,7 @@ def _matched(data_dir: pathlib.Path, batch: int) -> tuple[int, int]:
 def run_model_worker(args) -> dict:
   if args.group == "train":
     worker = _train_worker_jax if args.only == "jax" else _train_worker_torch
-    return worker(args.batch, args.repeats)
+    return worker(args.batch, args.repeats, args.dtype) if args.only == "jax" else worker(args.batch, args.repeats)
   worker = _worker_jax if args.only == "jax" else _worker_torch
   return worker(args.data, args.batch, args.repeats, args.stages)
 
@@ -500,7 +500,10 @@ def _train_inputs(batch: int):
   for _ in range(batch):
     masks, boxes = [], []
     for _ in range(3):
-      cy, cx, ry, rx = rng.uniform(100, 400), rng.uniform(100, 400), rng.uniform(30, 90), rng.uniform(30, 90)
+      # At 512x512: centres in [100, 400), radii in [30, 90); scaled with the canvas for other sizes.
+      sy, sx = h / 512, w / 512
+      cy, cx = rng.uniform(100, 400) * sy, rng.uniform(100, 400) * sx
+      ry, rx = rng.uniform(30, 90) * sy, rng.uniform(30, 90) * sx
       m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
       ys, xs = np.nonzero(m)
       masks.append(m.astype(np.uint8))
@@ -537,7 +540,7 @@ def _train_worker_torch(batch: int, repeats: int) -> dict:
   return {"ms": ms, "compile_s": 0.0, "peak_rss_gb": _peak_rss_gb()}
 
 
-def _train_worker_jax(batch: int, repeats: int) -> dict:
+def _train_worker_jax(batch: int, repeats: int, dtype: str = "float32") -> dict:
   from mrcnn_jax import config_files, train
   from mrcnn_jax.data import pipeline
   from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
@@ -545,6 +548,7 @@ def _train_worker_jax(batch: int, repeats: int) -> dict:
 
   config = config_files.load_config(str(REPO / "configs" / "torchvision_maskrcnn_r50_fpn.py"))
   config.input.canvas_hw = TRAIN_HW
+  config.model.compute_dtype = dtype
   config.train.warmup_iters = 0
   config.train.base_lr = 0.001
   images, targets = _train_inputs(batch)
@@ -580,19 +584,23 @@ def _train_worker_jax(batch: int, repeats: int) -> dict:
 def run_train(args) -> list[Row]:
   """One R50-FPN train step per batch size, each side in its own process. Both sample 512 RoIs per image; the mask
   head differs by design: ours runs on the 128 foreground slots per image (a static shape, padding included),
-  torchvision's on the positives only (6 RoIs for the two images here)."""
+  torchvision's on the positives only (6 RoIs for the two images here). With --skip_torch (e.g. on a GPU machine
+  whose torch has no CUDA) only our side runs; the note gives images/s."""
   rows = []
+  hw = ["--train_hw", str(TRAIN_HW[0]), str(TRAIN_HW[1])]
   for batch in args.batches:
-    res = {}
-    for side in ("torch", "jax"):
+    res = {"torch": None}
+    for side in ("jax",) if args.skip_torch else ("torch", "jax"):
       cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "train", "--only", side, "--batch", str(batch),
-             "--repeats", str(args.repeats)]
+             "--repeats", str(args.repeats), "--dtype", args.dtype, *hw]
       proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, cwd=REPO)
       res[side] = json.loads(proc.stdout.strip().splitlines()[-1])
     j, t = res["jax"], res["torch"]
-    rows.append(Row(f"train step R50-FPN batch {batch} {TRAIN_HW[0]}x{TRAIN_HW[1]}", j["ms"], t["ms"], j["compile_s"],
-                    f"peak RSS jax {j['peak_rss_gb']:.1f} GB / torch {t['peak_rss_gb']:.1f} GB; 512 sampled RoIs/image "
-                    "both; mask head on 128 static slots/image vs torchvision's positives only"))
+    note = (f"{batch / (j['ms'] / 1000):.2f} images/s ({args.dtype}); peak RSS jax {j['peak_rss_gb']:.1f} GB" +
+            ("" if t is None else f" / torch {t['peak_rss_gb']:.1f} GB") +
+            "; 512 sampled RoIs/image; our mask head on 128 static slots/image, torchvision's on its positives only")
+    rows.append(Row(f"train step R50-FPN batch {batch} {TRAIN_HW[0]}x{TRAIN_HW[1]}", j["ms"],
+                    None if t is None else t["ms"], j["compile_s"], note))
   return rows
 
 
@@ -623,6 +631,11 @@ def main(argv=None) -> int:
                       "model 5)")
   parser.add_argument("--impl", default="xla", choices=["xla", "pallas"], help="RoIAlign implementation to time")
   parser.add_argument("--batches", type=int, nargs="+", default=[1, 2], help="model: batch sizes to time")
+  parser.add_argument("--train_hw", type=int, nargs=2, default=[512, 512], metavar=("H", "W"),
+                      help="train: the padded canvas of the step, e.g. 800 1344")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                      help="train: our model's compute dtype (bfloat16 on GPU/TPU; params stay float32)")
+  parser.add_argument("--skip_torch", action="store_true", help="train: time only mrcnn_jax (no torchvision run)")
   parser.add_argument("--json", type=pathlib.Path, help="also write the rows here (atomically)")
   # The model group's workers (one subprocess per side and batch): print their result as JSON on the last line.
   parser.add_argument("--only", choices=["jax", "torch"], help=argparse.SUPPRESS)
@@ -630,6 +643,8 @@ def main(argv=None) -> int:
   parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
   parser.add_argument("--stages", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  global TRAIN_HW
+  TRAIN_HW = tuple(args.train_hw)
   if args.repeats is None:
     args.repeats = DEFAULT_REPEATS[args.group]
   if args.repeats < 5:
