@@ -24,10 +24,12 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from mrcnn_jax import checkpoint, config_files, evaluate
+from mrcnn_jax import checkpoint, evaluate
 from mrcnn_jax.data import coco, shapes
 from mrcnn_jax.modeling import mask_rcnn
 from mrcnn_jax.train import TrainState
+
+import tiny_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "mask_rcnn_R50_FPN_1x.py"
@@ -457,31 +459,11 @@ def test_table_has_detectron2_layout():
 TINY = 64
 NUM_VAL = 3
 # The tiny model as overrides of the base config, applied alike here and on the command line.
-OVERRIDES = {
-    "model.num_classes": 3,
-    "model.backbone.depth": 18,
-    "model.backbone.width": 16,
-    "model.fpn.channels": 32,
-    "model.rpn.pre_nms_topk_test": 50,
-    "model.rpn.post_nms_topk_test": 20,
-    "model.roi_heads.fc_dim": 32,
-    "model.roi_heads.detections_per_image": 10,
-    "model.mask_head.conv_dim": 16,
-    "input.canvas_hw": (TINY, TINY),
-    "input.min_size_test": TINY,
-    "input.max_size_test": TINY,
-}
+OVERRIDES = tiny_model.overrides(TINY, TINY)
 
 
 def _tiny_config():
-  config = config_files.load_config(str(BASE_CONFIG))
-  for key, value in OVERRIDES.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return tiny_model.config(OVERRIDES)
 
 
 @pytest.fixture(scope="module")
@@ -533,7 +515,7 @@ def test_command_line(tiny, tmp_path):
   # A fresh interpreter outside the checkout: the source tree's mrcnn_jax has no kernels/ subpackage.
   done = subprocess.run(
       [sys.executable, "-m", "mrcnn_jax.evaluate", f"--config={BASE_CONFIG}", f"--checkpoint={ckpt}",
-       *(f"--config.{k}={v}" for k, v in OVERRIDES.items()),
+       *tiny_model.flags(OVERRIDES),
        f"--config.dataset.val_json={paths['val_annotations']}",
        f"--config.dataset.val_image_dir={paths['val_images']}"],
       cwd=tmp_path, capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},

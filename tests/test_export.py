@@ -10,10 +10,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mrcnn_jax import checkpoint, config_files, export
+from mrcnn_jax import checkpoint, export
 from mrcnn_jax.data import transforms
 from mrcnn_jax.modeling import mask_rcnn
 from mrcnn_jax.predict import Predictor
+
+import tiny_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CANVAS, BATCH = 64, 2
@@ -24,31 +26,11 @@ ENV = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
 
 # The tiny model as overrides of the base config: ResNet-18 at a quarter width on a 64 x 64 canvas, small enough to
 # initialize, export and run in seconds.
-OVERRIDES = {
-    "model.num_classes": 3,
-    "model.backbone.depth": 18,
-    "model.backbone.width": 16,
-    "model.fpn.channels": 32,
-    "model.rpn.pre_nms_topk_test": 50,
-    "model.rpn.post_nms_topk_test": 20,
-    "model.roi_heads.fc_dim": 32,
-    "model.roi_heads.detections_per_image": 10,
-    "model.mask_head.conv_dim": 16,
-    "input.canvas_hw": (CANVAS, CANVAS),
-    "input.min_size_test": 48,
-    "input.max_size_test": 64,
-}
+OVERRIDES = tiny_model.overrides(CANVAS, 48)
 
 
 def _tiny_config():
-  config = config_files.load_config(str(BASE_CONFIG))
-  for key, value in OVERRIDES.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return tiny_model.config(OVERRIDES)
 
 
 def _inputs():
@@ -109,7 +91,7 @@ def test_command_line_exports_a_checkpoint(model, tmp_path):
   ckpt = checkpoint.save_variables(tmp_path / "ckpt", model.variables, config=model.config)
   done = subprocess.run(
       [sys.executable, "-m", "mrcnn_jax.export", f"--config={BASE_CONFIG}",
-       *(f"--config.{k}={v}" for k, v in OVERRIDES.items()), f"--checkpoint={ckpt}", f"--out={tmp_path / 'cli'}",
+       *tiny_model.flags(OVERRIDES), f"--checkpoint={ckpt}", f"--out={tmp_path / 'cli'}",
        f"--batch_size={BATCH}", "--platforms=cpu,tpu"],
       cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=300, check=False)
   assert done.returncode == 0, done.stderr

@@ -20,9 +20,11 @@ import nbclient
 import nbformat
 from jupyter_client.kernelspec import KernelSpecManager
 
-from mrcnn_jax import checkpoint, config_files
+from mrcnn_jax import checkpoint
 from mrcnn_jax.data import shapes
 from mrcnn_jax.modeling import mask_rcnn
+
+import tiny_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "eval.ipynb"
@@ -30,34 +32,11 @@ BASE_CONFIG = ROOT / "configs" / "mask_rcnn_R50_FPN_1x.py"
 CANVAS = 64
 # A tiny model (ResNet-18 at a quarter width, 64 x 64 canvas): random weights, so the scores mean nothing, but every
 # step of the notebook runs, and it compiles in seconds on a CPU.
-OVERRIDES = {
-    "model.num_classes": 3,
-    "model.backbone.depth": 18,
-    "model.backbone.width": 16,
-    "model.fpn.channels": 32,
-    "model.rpn.pre_nms_topk_test": 50,
-    "model.rpn.post_nms_topk_test": 20,
-    "model.roi_heads.fc_dim": 32,
-    "model.roi_heads.detections_per_image": 10,
-    "model.mask_head.conv_dim": 16,
-    "input.canvas_hw": (CANVAS, CANVAS),
-    "input.min_size_test": 64,
-    "input.max_size_test": 64,
-    # Inputs of unit scale (the base config's std is 1 on 0..255 pixels), so that random weights give detections.
-    "input.pixel_std": (58.395, 57.12, 57.375),
-    "dataset.name": "shapes",
-}
+OVERRIDES = tiny_model.overrides(CANVAS, 64, **tiny_model.UNIT_PIXEL_STD_KW, dataset__name="shapes")
 
 
 def _tiny_config():
-  config = config_files.load_config(str(BASE_CONFIG))
-  for key, value in OVERRIDES.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return tiny_model.config(OVERRIDES)
 
 
 def _write_kernelspec(jupyter_dir: pathlib.Path) -> None:

@@ -21,47 +21,26 @@ from mrcnn_jax.data import coco, shapes
 from mrcnn_jax.modeling import mask_rcnn
 from mrcnn_jax.predict import Predictor, class_names_for_config
 
+import tiny_model
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "mask_rcnn_R50_FPN_1x.py"
 CANVAS = 64
 # The tiny model as command-line overrides of the base config, applied alike in this process and in the command.
-OVERRIDES = {
-    "model.num_classes": 3,
-    "model.backbone.depth": 18,
-    "model.backbone.width": 16,
-    "model.fpn.channels": 32,
-    "model.rpn.pre_nms_topk_test": 50,
-    "model.rpn.post_nms_topk_test": 20,
-    "model.roi_heads.fc_dim": 32,
-    "model.roi_heads.detections_per_image": 10,
-    "model.mask_head.conv_dim": 16,
-    "input.canvas_hw": (CANVAS, CANVAS),
-    "input.min_size_test": 48,
-    "input.max_size_test": 64,
-    # Inputs of unit scale (the base config's std is 1 on 0..255 pixels), so random weights give spread-out scores.
-    "input.pixel_std": (58.395, 57.12, 57.375),
-    "dataset.name": "shapes",
-}
+OVERRIDES = tiny_model.overrides(CANVAS, 48, **tiny_model.UNIT_PIXEL_STD_KW, dataset__name="shapes")
 IMAGE_SIZES = {"a.png": (48, 64), "b.jpg": (64, 40), "c.png": (30, 30)}
 # Random weights score these images' detections 0.45..0.64: the threshold keeps some of them.
 SCORE_THRESHOLD = 0.5
 
 
 def _tiny_config():
-  config = config_files.load_config(str(BASE_CONFIG))
-  for key, value in OVERRIDES.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return tiny_model.config(OVERRIDES)
 
 
 def _run(args, cwd):
   return subprocess.run(
       [sys.executable, "-m", "mrcnn_jax.predict", f"--config={BASE_CONFIG}",
-       *(f"--config.{k}={v}" for k, v in OVERRIDES.items()), *args],
+       *tiny_model.flags(OVERRIDES), *args],
       cwd=cwd, capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}, timeout=300,
       check=False)
 
