@@ -53,9 +53,7 @@ import io
 import json
 import logging
 import math
-import os
 import pathlib
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 
@@ -65,6 +63,7 @@ from absl import flags
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mrcnn_jax import atomic
 from mrcnn_jax.predict import Predictor, to_coco_results
 
 log = logging.getLogger(__name__)
@@ -417,20 +416,8 @@ def _pipe_table(headers: Sequence[str], rows: Sequence[Sequence], align: str) ->
 
 
 def write_json_atomic(path, obj) -> pathlib.Path:
-  """json.dump `obj` to `path` through a temporary file in the same folder and os.replace: readers see the old file
-  or the new one, never a partial one. Returns the path."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f)
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
-  return path
+  """json.dump `obj` to `path` atomically (`mrcnn_jax.atomic.write_json`). Returns the path."""
+  return atomic.write_json(path, obj)
 
 
 def _json_metrics(metrics: dict[str, float]) -> dict:

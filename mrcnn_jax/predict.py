@@ -22,12 +22,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import uuid
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 
+from mrcnn_jax import atomic
 from mrcnn_jax.data import transforms
 from mrcnn_jax.ops import masks as mask_ops
 
@@ -425,19 +425,6 @@ def _keep_scores(result: dict, threshold: float) -> dict:
   return {k: np.asarray(v)[keep] for k, v in result.items()}
 
 
-def _write_json_atomically(path: pathlib.Path, payload) -> None:
-  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-  try:
-    with open(tmp, "x") as f:
-      json.dump(payload, f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
-
-
 def predict_files(config, variables, image_paths: Sequence[str], out_dir, *, score_threshold: float = 0.5,
                   batch_size: int = 1, class_names=None) -> pathlib.Path:
   """Run the model on image files; write `<out_dir>/<stem>.png` overlays and `<out_dir>/predictions.json`.
@@ -491,7 +478,7 @@ def predict_files(config, variables, image_paths: Sequence[str], out_dir, *, sco
       images_json[path] = {"height": height, "width": width, "overlay": overlay,
                            "instances": _instances_json(result, names)}
   json_path = out_dir / "predictions.json"
-  _write_json_atomically(json_path, {
+  atomic.write_json(json_path, {
       "score_threshold": float(score_threshold), "label_space": str(config.model.label_space),
       "class_names": names, "images": images_json})
   return json_path

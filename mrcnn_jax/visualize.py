@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import colorsys
 import functools
-import os
 import pathlib
-import uuid
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from mrcnn_jax import atomic
 from mrcnn_jax.data import transforms
 
 # COCO person keypoints (nose, eyes, ears, shoulders, elbows, wrists, hips, knees, ankles; left before right), joined
@@ -302,16 +301,5 @@ def save_image(path, image) -> pathlib.Path:
   image_format = Image.registered_extensions().get(extension)
   if image_format is None:
     raise ValueError(f"save_image: cannot tell the image format of {path} from its suffix {extension!r}")
-  # A unique name opened with "xb" (not mkstemp, whose files are private 0600): the image gets the permissions the
-  # umask gives any new file.
-  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-  try:
-    with open(tmp, "xb") as f:
-      Image.fromarray(image).save(f, format=image_format)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
+  atomic.write_file(path, lambda f: Image.fromarray(image).save(f, format=image_format), binary=True)
   return path
