@@ -98,6 +98,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   model.roi_heads = ml_collections.ConfigDict()
   model.roi_heads.batch_size_per_image = 512  # sampled RoIs
   model.roi_heads.positive_fraction = 0.25
+  # Training runs the mask/keypoint heads on the smallest of these slot counts per image that holds every image's
+  # foreground RoIs (else on all batch_size_per_image * positive_fraction = 128). Same losses, less work; () turns it
+  # off (one static size, one program branch).
+  model.roi_heads.foreground_buckets = (8, 16, 32, 64)
   model.roi_heads.iou_threshold = 0.5  # foreground at IoU >= 0.5
   model.roi_heads.proposal_append_gt = True
   model.roi_heads.score_thresh_test = 0.05

@@ -23,8 +23,8 @@ Groups:
   data   The training loader (grain, 2 workers): batches/s on COCO-like input (synthetic 640x480 images resized to
          800x1333 on the 1344x1344 canvas, batch 2) and on the shapes set (128x128, batch 8), and the per-image cost
          of decode, resize and the whole train_example (resize, flip, normalize, pad, mask crops). No torch side.
-  train  One training step of R50-FPN Mask R-CNN at 512x512 (torchvision conventions, random init, FrozenBN on
-         both sides, 3 instances per image, 512 sampled RoIs per image): torchvision's forward + backward + SGD
+  train  One training step of R50-FPN Mask R-CNN at 512x512 (torchvision conventions, random init, FrozenBN and
+         stem + res2 frozen on both sides, 3 instances per image, 512 sampled RoIs per image): torchvision's forward + backward + SGD
          step vs mrcnn_jax's jitted `train_step` (compile apart); each side in its own subprocess (peak RSS).
 
 torch runs with as many threads as JAX's CPU client uses (all cores). The ratio column is mrcnn_jax / torchvision:
@@ -525,7 +525,13 @@ def _train_worker_torch(batch: int, repeats: int) -> dict:
   for m in model.modules():  # frozen BatchNorm, as mrcnn_jax's FrozenBN
     if isinstance(m, torch.nn.BatchNorm2d):
       m.eval()
-  opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9, weight_decay=1e-4)
+  # torchvision's recipe (a pretrained backbone, trainable_backbone_layers=3) trains layer2..layer4 only, as our
+  # config's freeze_at=2 does; without weights_backbone it would train the stem and layer1 too, so freeze them here.
+  for name, p in model.backbone.body.named_parameters():
+    if not name.startswith(("layer2.", "layer3.", "layer4.")):
+      p.requires_grad_(False)
+  opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.001, momentum=0.9,
+                        weight_decay=1e-4)
   images, targets = _train_inputs(batch)
   images = [torch.tensor(x) for x in images]
   targets = [{"boxes": torch.tensor(b), "labels": torch.tensor(l), "masks": torch.tensor(m)} for b, l, m in targets]

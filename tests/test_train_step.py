@@ -189,6 +189,7 @@ def _tiny_config():
   m.rpn.batch_size_per_image = 32
   m.rpn.pre_nms_topk_train, m.rpn.post_nms_topk_train = 50, 20
   m.roi_heads.batch_size_per_image = 16
+  m.roi_heads.foreground_buckets = (2,)  # 4 foreground slots per image: the heads' switch has a branch on 2
   m.roi_heads.fc_dim = 32
   m.mask_head.conv_dim = 16
   config.input.canvas_hw = (CANVAS, CANVAS)
@@ -299,3 +300,51 @@ def test_nonfinite_loss_skips_the_update_and_counts_it(run, one_and_eight):
   jax.tree.map(np.testing.assert_array_equal, state.params, run.initial.params)
   jax.tree.map(np.testing.assert_array_equal, state.opt_state, run.initial.opt_state)
   jax.tree.map(np.testing.assert_array_equal, state.batch_stats, run.initial.batch_stats)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Foreground buckets: the mask head runs on fewer RoI slots, with the same losses and gradients.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_foreground_caps_end_with_the_full_count():
+  assert mask_rcnn.foreground_caps(128, (8, 16, 32, 64)) == (8, 16, 32, 64, 128)
+  assert mask_rcnn.foreground_caps(4, (8, 16)) == (4,)  # buckets at or above the count are dropped
+  assert mask_rcnn.foreground_caps(128, ()) == (128,)
+  for bad in ((16, 8), (0, 8), (8, 8)):
+    with pytest.raises(ValueError, match="foreground_buckets"):
+      mask_rcnn.foreground_caps(128, bad)
+
+
+def _losses_and_grads(config, initial, batch):
+  model = MaskRCNN(config.model, train=True)
+
+  @jax.jit
+  def fn(params):
+    def total(p):
+      out, inter = model.apply({"params": p, "batch_stats": initial.batch_stats}, batch, jax.random.key(3),
+                               method=MaskRCNN.losses, mutable=["intermediates"])
+      return out["total_loss"], (out, inter["intermediates"]["max_foreground_rois"][0])
+
+    return jax.grad(total, has_aux=True)(params)
+
+  return jax.device_get(fn(initial.params))
+
+
+def test_foreground_buckets_change_the_work_not_the_losses(run):
+  batch = {k: v[:2] for k, v in _tiny_batch().items()}  # 1 and 2 instances
+  configs = {}
+  for name, buckets in (("full", ()), ("bucketed", (2, 3))):  # caps (4,) and (2, 3, 4): a switch of three branches
+    configs[name] = run.config.copy_and_resolve_references()
+    configs[name].model.roi_heads.foreground_buckets = buckets
+  grads_full, (losses_full, num_fg) = _losses_and_grads(configs["full"], run.initial, batch)
+  grads, (losses, num_fg_b) = _losses_and_grads(configs["bucketed"], run.initial, batch)
+  # This batch has at most 3 foreground RoIs per image, so a smaller branch than the full 4 slots ran.
+  assert int(num_fg) == int(num_fg_b) and 1 <= int(num_fg) <= 3
+  assert losses["loss_mask"] > 0
+  for name in losses_full:
+    np.testing.assert_allclose(losses[name], losses_full[name], rtol=1e-6, err_msg=name)
+  for name, g in _flat(grads).items():
+    np.testing.assert_allclose(g, _flat(grads_full)[name], rtol=1e-5, atol=1e-7, err_msg=name)
+  mask_grads = [g for name, g in _flat(grads).items() if name.startswith("mask_head/")]
+  assert mask_grads and all(np.any(g != 0) for g in mask_grads)

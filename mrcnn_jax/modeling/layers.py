@@ -47,8 +47,8 @@ def make_norm(kind: str, *, train: bool, eps: float, name: str, dtype=jnp.float3
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
-# Kernel gradients with at least this many multiply-adds are computed tap by tap on CPU (see `conv2d`).
-_TAPWISE_KERNEL_GRAD_MIN_MACS = 2e9
+# On CPU, kernel gradients are computed tap by tap (see `conv2d`); tests turn this off to check XLA's own path.
+_TAPWISE_KERNEL_GRAD_ON_CPU = True
 
 
 def _conv(x, kernel, stride: int, padding: int):
@@ -74,14 +74,16 @@ def _kernel_grad_tapwise(x, dy, kernel_shape, stride: int, padding: int):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(x, kernel, stride: int, padding: int):
-  """A 2-D convolution, NHWC x HWIO -> NHWC, symmetric zero padding, with a CPU-friendly kernel gradient.
+  """A 2-D convolution, NHWC x HWIO -> NHWC, symmetric zero padding, with CPU-friendly gradients.
 
   Why a custom VJP: XLA:CPU computes the kernel gradient of a convolution as another convolution whose "batch" is
-  the input channels and whose window is the whole output map; for wide layers over many pixels (the mask head's
-  3x3 convs on 256 RoIs of 14x14, FPN's P2 output conv) that ran 3-7x slower than the kh*kw matmuls it amounts to
-  (2.2 s vs 0.96 s for one mask-head conv at batch 2, 1.4 s vs 0.2 s for the 1x1 mask predictor). Those large
-  kernel gradients are computed tap by tap on CPU; small ones, where XLA's convolution wins, and every other backend
-  keep XLA's. The input gradient is XLA's.
+  the input channels and whose window is the whole output map. For wide layers over many pixels (the mask head's
+  3x3 convs on 256 RoIs of 14x14, FPN's P2 output conv) that ran 2-7x slower than the kh*kw matmuls it amounts to.
+  Inside a conditional (the foreground switch of `MaskRCNN.losses`) XLA:CPU leaves such gradient convolutions in a
+  generic form that is slower still: 3.7 s instead of 22 ms for one mask-head conv on 16 RoIs, and 109 ms instead
+  of 21 ms for its input gradient. So on CPU the kernel gradient is one matmul per tap, and the input gradient of a
+  stride-1 convolution is written as the forward convolution it is (flipped kernel), which XLA:CPU runs fast
+  everywhere. Other backends, and strided input gradients, keep XLA's.
   """
   return _conv(x, kernel, stride, padding)
 
@@ -90,17 +92,32 @@ def _conv2d_fwd(x, kernel, stride, padding):
   return _conv(x, kernel, stride, padding), (x, kernel)
 
 
+def _input_grad_as_conv(x, dy, kernel, padding: int):
+  """d loss / d x of a stride-1 convolution as a forward convolution: dy convolved with the kernel flipped in space,
+  its in/out channels swapped, padded by k - 1 - padding. x is only for the platform switch's uniform signature."""
+  del x
+  kh = kernel.shape[0]
+  return _conv(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), 1, kh - 1 - padding)
+
+
 def _conv2d_bwd(stride, padding, residuals, dy):
   x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda x: _conv(x, kernel, stride, padding), x)
-  (dx,) = input_vjp(dy)
+
+  def xla_input_grad(x, dy):
+    _, input_vjp = jax.vjp(lambda x: _conv(x, kernel, stride, padding), x)
+    return input_vjp(dy)[0]
+
+  if stride == 1 and kernel.shape[0] == kernel.shape[1] and padding < kernel.shape[0]:
+    as_conv = functools.partial(_input_grad_as_conv, kernel=kernel, padding=padding)
+    dx = lax.platform_dependent(x, dy, cpu=as_conv, default=xla_input_grad)
+  else:
+    dx = xla_input_grad(x, dy)
 
   def xla_kernel_grad(x, dy):
     _, kernel_vjp = jax.vjp(lambda k: _conv(x, k, stride, padding), kernel)
     return kernel_vjp(dy)[0]
 
-  macs = dy.shape[0] * dy.shape[1] * dy.shape[2] * kernel.size
-  if macs >= _TAPWISE_KERNEL_GRAD_MIN_MACS:
+  if _TAPWISE_KERNEL_GRAD_ON_CPU:
     tapwise = functools.partial(_kernel_grad_tapwise, kernel_shape=kernel.shape, stride=stride, padding=padding)
     dk = lax.platform_dependent(x, dy, cpu=tapwise, default=xla_kernel_grad)
   else:

@@ -174,23 +174,51 @@ class MaskRCNN(nn.Module):
     cls_logits, box_deltas = self.box_head(self.pool(feats, samples["rois"], cfg.pooler.box_resolution))
     out.update(loss_fns.fast_rcnn_losses(cls_logits, box_deltas, samples, smooth_l1_beta=rh.smooth_l1_beta))
 
-    # Mask and keypoint heads on the foreground RoIs, which `sample_rois` puts in the first slots.
-    f = int(rh.batch_size_per_image * rh.positive_fraction)
-    fg = {k: v[:, :f] for k, v in samples.items()}
-    if cfg.mask_head.enabled:
-      mask_logits = self.mask_head(self.pool(feats, fg["rois"], cfg.pooler.mask_resolution))
-      out.update(loss_fns.mask_loss(
-          mask_logits, fg["rois"], fg["classes"], fg["matched"], fg["valid"] & (fg["classes"] > 0),
-          batch["gt_masks"], gt_boxes, convention=convention))
-    # Keypoint head on the same foreground RoIs, each with its matched instance's keypoints.
-    if cfg.keypoint_head.enabled:
-      heatmaps = self.keypoint_head(self.pool(feats, fg["rois"], cfg.pooler.keypoint_resolution))
-      keypoints = jnp.take_along_axis(batch["gt_keypoints"], fg["matched"][..., None, None], axis=1)
-      targets, valid = loss_fns.keypoint_targets(keypoints, fg["rois"], heatmaps.shape[2])
-      foreground = fg["valid"] & (fg["classes"] > 0)
-      out.update(loss_fns.keypoint_loss(heatmaps, targets, valid & foreground[..., None]))
+    # Mask and keypoint heads on the foreground RoIs, which `sample_rois` puts in the first slots: at most f per
+    # image (128 in the 1x schedule), a static shape. Most batches have far fewer (a few ground-truth boxes early in
+    # training), so the heads run on the smallest bucket of slots that holds every image's foreground, chosen inside
+    # the program by a switch: the losses are the same as on all f slots, the work follows the real RoI count.
+    if cfg.mask_head.enabled or cfg.keypoint_head.enabled:
+      f = int(rh.batch_size_per_image * rh.positive_fraction)
+      caps = foreground_caps(f, rh.foreground_buckets)
+      branches = [functools.partial(_foreground_head_losses, cap=c) for c in caps]
+      num_fg = jnp.max(jnp.sum(samples["valid"][:, :f] & (samples["classes"][:, :f] > 0), axis=1, dtype=jnp.int32))
+      self.sow("intermediates", "max_foreground_rois", num_fg)  # kept only when the caller asks (mutable)
+      if len(caps) == 1:
+        out.update(branches[0](self, feats, samples, batch))
+      else:
+        index = jnp.searchsorted(jnp.asarray(caps, jnp.int32), num_fg)  # the smallest cap >= num_fg
+        out.update(nn.switch(index, branches, self, feats, samples, batch))
     out["total_loss"] = sum(out.values())
     return out
+
+
+def foreground_caps(max_foreground: int, buckets) -> tuple[int, ...]:
+  """The slot counts the mask and keypoint heads may run on in training: the buckets below `max_foreground`, then
+  `max_foreground` itself (always last, so that every batch fits). `buckets` empty: always all of them."""
+  buckets = tuple(int(b) for b in buckets)
+  if any(b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
+    raise ValueError(f"model.roi_heads.foreground_buckets must be increasing positive slot counts, got {buckets}")
+  return tuple(b for b in buckets if b < max_foreground) + (max_foreground,)
+
+
+def _foreground_head_losses(model, feats, samples, batch, *, cap: int):
+  """loss_mask and/or loss_keypoint of the first `cap` RoI slots of each image, which must hold all its foreground."""
+  cfg = model.config
+  fg = {k: v[:, :cap] for k, v in samples.items()}
+  foreground = fg["valid"] & (fg["classes"] > 0)
+  out = {}
+  if cfg.mask_head.enabled:
+    mask_logits = model.mask_head(model.pool(feats, fg["rois"], cfg.pooler.mask_resolution))
+    out.update(loss_fns.mask_loss(mask_logits, fg["rois"], fg["classes"], fg["matched"], foreground,
+                                  batch["gt_masks"], batch["gt_boxes"], convention=cfg.loss_convention))
+  # Keypoint head on the same foreground RoIs, each with its matched instance's keypoints.
+  if cfg.keypoint_head.enabled:
+    heatmaps = model.keypoint_head(model.pool(feats, fg["rois"], cfg.pooler.keypoint_resolution))
+    keypoints = jnp.take_along_axis(batch["gt_keypoints"], fg["matched"][..., None, None], axis=1)
+    targets, valid = loss_fns.keypoint_targets(keypoints, fg["rois"], heatmaps.shape[2])
+    out.update(loss_fns.keypoint_loss(heatmaps, targets, valid & foreground[..., None]))
+  return out
 
 
 def build_infer(config):

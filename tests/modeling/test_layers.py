@@ -1,4 +1,5 @@
-"""Layers against torch: the matmul-form transposed convolution (values and gradients)."""
+"""Layers against torch (the matmul-form transposed convolution, `Conv`) and `conv2d`'s custom gradients against
+JAX's autodiff: values and gradients."""
 
 import jax
 import numpy as np
@@ -51,7 +52,7 @@ def test_conv_transpose_params_keep_flax_layout():
 @pytest.mark.parametrize("kernel,stride", [(3, 1), (3, 2), (1, 1), (1, 2), (7, 2)])
 def test_conv_matches_torch(kernel, stride, tapwise, monkeypatch):
   """Values and both gradients, with the kernel gradient from XLA's convolution and from the per-tap matmuls."""
-  monkeypatch.setattr(layers, "_TAPWISE_KERNEL_GRAD_MIN_MACS", 0 if tapwise else float("inf"))
+  monkeypatch.setattr(layers, "_TAPWISE_KERNEL_GRAD_ON_CPU", tapwise)
   rng = np.random.default_rng(kernel * 10 + stride)
   x = rng.normal(size=(2, 9, 11, 5)).astype(np.float32)
   weight = rng.normal(size=(4, 5, kernel, kernel)).astype(np.float32)  # torch (out, in, kh, kw)
@@ -78,3 +79,31 @@ def test_conv_params_keep_flax_layout():
   assert jax.tree.map(np.shape, variables["params"]) == {"kernel": (3, 3, 2, 8), "bias": (8,)}
   variables = layers.conv(8, 1, use_bias=False, name="conv").init(jax.random.key(0), np.zeros((1, 5, 5, 2)))
   assert jax.tree.map(np.shape, variables["params"]) == {"kernel": (1, 1, 2, 8)}
+
+
+@pytest.mark.parametrize("in_switch", [False, True])
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 1, 0), (5, 1, 1), (3, 2, 1), (2, 1, 1)])
+def test_conv2d_gradients_match_xla_autodiff(kernel, stride, padding, in_switch):
+  """`conv2d`'s own gradients (flipped-kernel input gradient, per-tap kernel gradient on CPU) against JAX's autodiff
+  of the plain convolution, also inside a `lax.switch` branch, where the mask head runs in training."""
+  rng = np.random.default_rng(kernel * 100 + stride * 10 + padding)
+  x = rng.normal(size=(3, 8, 9, 5)).astype(np.float32)
+  k = rng.normal(size=(kernel, kernel, 5, 4)).astype(np.float32)
+  pads = ((padding, padding), (padding, padding))
+
+  def reference(x, k):
+    return jax.lax.conv_general_dilated(x, k, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def ours(x, k):
+    if not in_switch:
+      return layers.conv2d(x, k, stride, padding)
+    return jax.lax.switch(1, [lambda x, k: 2 * layers.conv2d(x, k, stride, padding),
+                              lambda x, k: layers.conv2d(x, k, stride, padding)], x, k)
+
+  y_ref, vjp_ref = jax.vjp(reference, x, k)
+  cot = rng.normal(size=y_ref.shape).astype(np.float32)
+  y, (dx, dk) = jax.jit(lambda x, k, c: (ours(x, k), jax.vjp(ours, x, k)[1](c)))(x, k, cot)
+  dx_ref, dk_ref = vjp_ref(cot)
+  np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(dx, dx_ref, atol=1e-4, rtol=1e-5)
+  np.testing.assert_allclose(dk, dk_ref, atol=1e-4, rtol=1e-5)
