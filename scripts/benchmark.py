@@ -24,8 +24,9 @@ Groups:
          800x1333 on the 1344x1344 canvas, batch 2) and on the shapes set (128x128, batch 8), and the per-image cost
          of decode, resize and the whole train_example (resize, flip, normalize, pad, mask crops). No torch side.
   train  One training step of R50-FPN Mask R-CNN at 512x512 (torchvision conventions, random init, FrozenBN and
-         stem + res2 frozen on both sides, 3 instances per image, 512 sampled RoIs per image): torchvision's forward + backward + SGD
-         step vs mrcnn_jax's jitted `train_step` (compile apart); each side in its own subprocess (peak RSS).
+         stem + res2 frozen on both sides, 3 instances per image, 512 sampled RoIs per image): torchvision's
+         forward + backward + SGD step vs mrcnn_jax's jitted `train_step` (compile apart); each side in its own
+         subprocess (peak RSS). --train_hw 800 1344 times the COCO-sized canvas.
 
 torch runs with as many threads as JAX's CPU client uses (all cores). The ratio column is mrcnn_jax / torchvision:
 below 1.0 means mrcnn_jax is faster. torch and torchvision are needed here (the `parity` extra); the library itself
@@ -589,9 +590,9 @@ def _train_worker_jax(batch: int, repeats: int, dtype: str = "float32") -> dict:
 
 def run_train(args) -> list[Row]:
   """One R50-FPN train step per batch size, each side in its own process. Both sample 512 RoIs per image; the mask
-  head differs by design: ours runs on the 128 foreground slots per image (a static shape, padding included),
-  torchvision's on the positives only (6 RoIs for the two images here). With --skip_torch (e.g. on a GPU machine
-  whose torch has no CUDA) only our side runs; the note gives images/s."""
+  head runs on torchvision's positives only (3 per image here, the ground truth) and on our smallest foreground
+  bucket that holds them (8 slots per image, `model.roi_heads.foreground_buckets`). With --skip_torch (e.g. on a
+  GPU machine whose torch has no CUDA) only our side runs; the note gives images/s."""
   rows = []
   hw = ["--train_hw", str(TRAIN_HW[0]), str(TRAIN_HW[1])]
   for batch in args.batches:
@@ -604,7 +605,7 @@ def run_train(args) -> list[Row]:
     j, t = res["jax"], res["torch"]
     note = (f"{batch / (j['ms'] / 1000):.2f} images/s ({args.dtype}); peak RSS jax {j['peak_rss_gb']:.1f} GB" +
             ("" if t is None else f" / torch {t['peak_rss_gb']:.1f} GB") +
-            "; 512 sampled RoIs/image; our mask head on 128 static slots/image, torchvision's on its positives only")
+            "; 512 sampled RoIs/image; mask heads on the positives (ours: their smallest foreground bucket)")
     rows.append(Row(f"train step R50-FPN batch {batch} {TRAIN_HW[0]}x{TRAIN_HW[1]}", j["ms"],
                     None if t is None else t["ms"], j["compile_s"], note))
   return rows
