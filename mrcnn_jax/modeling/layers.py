@@ -64,16 +64,19 @@ def _kernel_grad_tapwise(x, dy, kernel_shape, stride: int, padding: int):
   _, ho, wo, o = dy.shape
   xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   if stride == 1:
-    # On the padded grid flattened to rows q = (n, i, j), tap (ky, kx) pairs x row q + ky * Wp + kx with dy row q
+    # Each image's padded grid flattened to rows q = (i, j): tap (ky, kx) pairs x row q + ky * Wp + kx with dy row q
     # (dy zero outside its Ho x Wo output). With dy shifted down by kx rows, kw copies side by side, one matmul per
     # kernel row ky over a contiguous block of x rows gives all kw taps of that row: kh + kw copies instead of
-    # kh * kw strided windows, and kh wide matmuls instead of kh * kw narrow ones.
+    # kh * kw strided windows, and kh wide matmuls instead of kh * kw narrow ones. The batch axis stays apart, so
+    # a batch sharded over devices needs no data from its neighbours.
     hp, wp = h + 2 * padding, w + 2 * padding
-    rows = n * hp * wp - (kh - 1) * wp
-    xf = xp.reshape(n * hp * wp, c)
-    dyf = jnp.pad(dy, ((0, 0), (0, hp - ho), (0, wp - wo), (0, 0))).reshape(n * hp * wp, o)[:rows - (kw - 1)]
-    shifted = jnp.concatenate([jnp.pad(dyf, ((kx, kw - 1 - kx), (0, 0))) for kx in range(kw)], axis=1)
-    taps = [lax.dot_general(xf[ky * wp:ky * wp + rows], shifted, (((0,), (0,)), ((), ())),
+    rows = hp * wp - (kh - 1) * wp
+    xf = xp.reshape(n, hp * wp, c)
+    dyf = jnp.pad(dy, ((0, 0), (0, hp - ho), (0, wp - wo), (0, 0))).reshape(n, hp * wp, o)[:, :rows - (kw - 1)]
+    shifted = jnp.concatenate([jnp.pad(dyf, ((0, 0), (kx, kw - 1 - kx), (0, 0))) for kx in range(kw)], axis=2)
+    shifted = shifted.reshape(n * rows, kw * o)
+    # 2-D matmuls over (image, row) pairs: XLA:CPU runs them faster than one contracting two axes.
+    taps = [lax.dot_general(xf[:, ky * wp:ky * wp + rows].reshape(n * rows, c), shifted, (((0,), (0,)), ((), ())),
                             preferred_element_type=jnp.float32).reshape(c, kw, o) for ky in range(kh)]
     return jnp.stack(taps).transpose(0, 2, 1, 3).astype(dy.dtype)  # (kh, C, kw, O) -> (kh, kw, C, O)
   taps = []
