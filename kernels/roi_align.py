@@ -197,7 +197,7 @@ weighted_gather_xla.defvjp(_xla_fwd, _xla_bwd)
 
 
 def weighted_gather_transpose(table, idx, weights, g):
-  """Cotangents of `weighted_gather` (used as the Pallas kernel's VJP).
+  """Cotangents of `weighted_gather`: the VJP of the Pallas kernels and of `weighted_gather_xla`.
 
   Returns (d_table (N, C) in table's dtype, None for idx, d_weights (R, P, K) float32):
   d_table[n] = sum over (r, p, k) with idx[r,p,k] == n of weights[r,p,k] * g[r,p]; d_weights[r,p,k] =
