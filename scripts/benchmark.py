@@ -28,7 +28,10 @@ Groups:
          forward + backward + SGD step vs mrcnn_jax's jitted `train_step` (compile apart); each side in its own
          subprocess (peak RSS). --train_hw 800 1344 times the COCO-sized canvas.
 
-torch runs with as many threads as JAX's CPU client uses (all cores). The ratio column is mrcnn_jax / torchvision:
+torch runs with as many threads as JAX's CPU client uses (all cores). Both sides' processes run with the same host
+allocator setting: --host_malloc=reuse (default; `mrcnn_jax.host_memory`, what `mrcnn_jax.main` uses) keeps freed
+memory in the process, so that neither side page-faults its buffers afresh every step; --host_malloc=system leaves
+glibc's defaults on both sides. The ratio column is mrcnn_jax / torchvision:
 below 1.0 means mrcnn_jax is faster. torch and torchvision are needed here (the `parity` extra); the library itself
 never imports them.
 """
@@ -396,7 +399,8 @@ def run_model(args) -> list[Row]:
       res = {}
       for side in ("torch", "jax"):
         cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "model", "--only", side, "--data", tmp,
-               "--batch", str(batch), "--repeats", str(args.repeats)] + (["--stages"] if batch == 1 else [])
+               "--batch", str(batch), "--repeats", str(args.repeats), "--host_malloc", args.host_malloc]
+        cmd += ["--stages"] if batch == 1 else []
         start, load = time.perf_counter(), os.getloadavg()[0]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, cwd=REPO)
         res[side] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -599,7 +603,7 @@ def run_train(args) -> list[Row]:
     res = {"torch": None}
     for side in ("jax",) if args.skip_torch else ("torch", "jax"):
       cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "train", "--only", side, "--batch", str(batch),
-             "--repeats", str(args.repeats), "--dtype", args.dtype, *hw]
+             "--repeats", str(args.repeats), "--dtype", args.dtype, "--host_malloc", args.host_malloc, *hw]
       proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, cwd=REPO)
       res[side] = json.loads(proc.stdout.strip().splitlines()[-1])
     j, t = res["jax"], res["torch"]
@@ -643,6 +647,8 @@ def main(argv=None) -> int:
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                       help="train: our model's compute dtype (bfloat16 on GPU/TPU; params stay float32)")
   parser.add_argument("--skip_torch", action="store_true", help="train: time only mrcnn_jax (no torchvision run)")
+  parser.add_argument("--host_malloc", default="reuse", choices=["reuse", "system"],
+                      help="model, train: host allocator setting of both sides' processes (see above)")
   parser.add_argument("--json", type=pathlib.Path, help="also write the rows here (atomically)")
   # The model group's workers (one subprocess per side and batch): print their result as JSON on the last line.
   parser.add_argument("--only", choices=["jax", "torch"], help=argparse.SUPPRESS)
@@ -657,6 +663,9 @@ def main(argv=None) -> int:
   if args.repeats < 5:
     parser.error("--repeats must be at least 5")
   if args.only:
+    # Before torch or JAX starts a thread: the setting must hold for every thread's allocations.
+    from mrcnn_jax import host_memory  # the package imports no JAX: the torch worker stays free of it
+    host_memory.configure(args.host_malloc)
     if args.only == "jax":
       _import_jax()
     print(json.dumps(run_model_worker(args)))

@@ -107,3 +107,48 @@ def test_conv2d_gradients_match_xla_autodiff(kernel, stride, padding, in_switch)
   np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(dx, dx_ref, atol=1e-4, rtol=1e-5)
   np.testing.assert_allclose(dk, dk_ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("in_switch", [False, True])
+@pytest.mark.parametrize("shape", [(2, 5, 6, 7), (11, 7)])
+def test_pointwise_gradients_match_einsum_autodiff(shape, in_switch):
+  """`pointwise` (1x1 convolutions, the deconvolution's matmul) against JAX's autodiff of the einsum it computes."""
+  rng = np.random.default_rng(len(shape))
+  x = rng.normal(size=shape).astype(np.float32)
+  k = rng.normal(size=(shape[-1], 3)).astype(np.float32)
+
+  def ours(x, k):
+    if not in_switch:
+      return layers.pointwise(x, k)
+    return jax.lax.switch(1, [lambda x, k: 2 * layers.pointwise(x, k), layers.pointwise], x, k)
+
+  with jax.default_matmul_precision("highest"):
+    y_ref, vjp_ref = jax.vjp(lambda x, k: jax.numpy.einsum("...c,co->...o", x, k), x, k)
+    cot = rng.normal(size=y_ref.shape).astype(np.float32)
+    y, (dx, dk) = jax.jit(lambda x, k, c: (ours(x, k), jax.vjp(ours, x, k)[1](c)))(x, k, cot)
+    dx_ref, dk_ref = vjp_ref(cot)
+  np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(dx, dx_ref, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(dk, dk_ref, atol=1e-4, rtol=1e-5)
+
+
+def test_pointwise_kernel_gradient_forms_agree():
+  """The CPU form of the kernel gradient (dy transposed from memory) and the one other backends run give the same
+  (C, O) matrix; only the first runs in a CPU program, so the second is checked here directly."""
+  rng = np.random.default_rng(0)
+  x2, dy2 = rng.normal(size=(50, 6)).astype(np.float32), rng.normal(size=(50, 4)).astype(np.float32)
+  with jax.default_matmul_precision("highest"):
+    cpu = layers._pointwise_kernel_grad_cpu(x2, dy2)
+    default = layers._pointwise_kernel_grad(x2, dy2)
+  np.testing.assert_allclose(cpu, x2.T @ dy2, atol=1e-4, rtol=1e-5)
+  np.testing.assert_allclose(default, x2.T @ dy2, atol=1e-4, rtol=1e-5)
+
+
+def test_pointwise_keeps_dtypes():
+  """bfloat16 compute: gradients come back in the dtypes of x and kernel (the kernel's accumulated in float32)."""
+  x = jax.numpy.ones((2, 3, 3, 4), jax.numpy.bfloat16)
+  k = jax.numpy.ones((4, 5), jax.numpy.bfloat16)
+  y, vjp = jax.vjp(layers.pointwise, x, k)
+  dx, dk = vjp(jax.numpy.ones_like(y))
+  assert (y.dtype, dx.dtype, dk.dtype) == (jax.numpy.bfloat16,) * 3
+  np.testing.assert_allclose(np.asarray(dk, np.float32), np.full((4, 5), 18.0))
