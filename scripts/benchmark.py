@@ -665,6 +665,7 @@ def main(argv=None) -> int:
   if args.only:
     # Before torch or JAX starts a thread: the setting must hold for every thread's allocations.
     from mrcnn_jax import host_memory  # the package imports no JAX: the torch worker stays free of it
+
     host_memory.configure(args.host_malloc)
     if args.only == "jax":
       _import_jax()

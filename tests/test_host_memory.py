@@ -36,7 +36,7 @@ print(json.dumps({"applied": applied, "faults": resource.getrusage(resource.RUSA
 
 def _faults(choice: str, tmp_path: pathlib.Path) -> dict:
   proc = subprocess.run([sys.executable, "-c", _CHILD, choice], capture_output=True, text=True, cwd=tmp_path,
-                        timeout=120)
+                        check=False, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -67,6 +67,7 @@ def test_configure_rejects_unknown_choice():
 def test_main_accepts_host_malloc_flag(tmp_path):
   """The flag is defined (a typo'd value is refused by absl before anything runs)."""
   proc = subprocess.run([sys.executable, "-m", "mrcnn_jax.main", "--host_malloc=bogus", "--config=x.py",
-                         f"--workdir={tmp_path}"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+                         f"--workdir={tmp_path}"], capture_output=True, text=True, cwd=tmp_path, check=False,
+                        timeout=120)
   assert proc.returncode != 0
   assert "host_malloc" in proc.stderr and "bogus" in proc.stderr
