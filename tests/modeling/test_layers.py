@@ -81,11 +81,28 @@ def test_conv_params_keep_flax_layout():
   assert jax.tree.map(np.shape, variables["params"]) == {"kernel": (1, 1, 2, 8)}
 
 
+def _in_switch(fn):
+  """fn run as a `lax.switch` branch, where the mask head runs in training."""
+  return lambda x, k: jax.lax.switch(1, [lambda x, k: 2 * fn(x, k), fn], x, k)
+
+
+def _assert_vjp_matches(ours, reference, x, k, rng):
+  """Value and both cotangents of `ours` (jitted) against JAX's autodiff of `reference`, at full matmul precision."""
+  with jax.default_matmul_precision("highest"):
+    y_ref, vjp_ref = jax.vjp(reference, x, k)
+    cot = rng.normal(size=y_ref.shape).astype(np.float32)
+    y, (dx, dk) = jax.jit(lambda x, k, c: (ours(x, k), jax.vjp(ours, x, k)[1](c)))(x, k, cot)
+    dx_ref, dk_ref = vjp_ref(cot)
+  np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(dx, dx_ref, atol=1e-4, rtol=1e-5)
+  np.testing.assert_allclose(dk, dk_ref, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("in_switch", [False, True])
 @pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 1, 0), (5, 1, 1), (3, 2, 1), (2, 1, 1)])
 def test_conv2d_gradients_match_xla_autodiff(kernel, stride, padding, in_switch):
   """`conv2d`'s own gradients (flipped-kernel input gradient, per-tap kernel gradient on CPU) against JAX's autodiff
-  of the plain convolution, also inside a `lax.switch` branch, where the mask head runs in training."""
+  of the plain convolution, in and out of a switch."""
   rng = np.random.default_rng(kernel * 100 + stride * 10 + padding)
   x = rng.normal(size=(3, 8, 9, 5)).astype(np.float32)
   k = rng.normal(size=(kernel, kernel, 5, 4)).astype(np.float32)
@@ -95,18 +112,9 @@ def test_conv2d_gradients_match_xla_autodiff(kernel, stride, padding, in_switch)
     return jax.lax.conv_general_dilated(x, k, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
   def ours(x, k):
-    if not in_switch:
-      return layers.conv2d(x, k, stride, padding)
-    return jax.lax.switch(1, [lambda x, k: 2 * layers.conv2d(x, k, stride, padding),
-                              lambda x, k: layers.conv2d(x, k, stride, padding)], x, k)
+    return layers.conv2d(x, k, stride, padding)
 
-  y_ref, vjp_ref = jax.vjp(reference, x, k)
-  cot = rng.normal(size=y_ref.shape).astype(np.float32)
-  y, (dx, dk) = jax.jit(lambda x, k, c: (ours(x, k), jax.vjp(ours, x, k)[1](c)))(x, k, cot)
-  dx_ref, dk_ref = vjp_ref(cot)
-  np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(dx, dx_ref, atol=1e-4, rtol=1e-5)
-  np.testing.assert_allclose(dk, dk_ref, atol=1e-4, rtol=1e-5)
+  _assert_vjp_matches(_in_switch(ours) if in_switch else ours, reference, x, k, rng)
 
 
 @pytest.mark.parametrize("in_switch", [False, True])
@@ -116,20 +124,8 @@ def test_pointwise_gradients_match_einsum_autodiff(shape, in_switch):
   rng = np.random.default_rng(len(shape))
   x = rng.normal(size=shape).astype(np.float32)
   k = rng.normal(size=(shape[-1], 3)).astype(np.float32)
-
-  def ours(x, k):
-    if not in_switch:
-      return layers.pointwise(x, k)
-    return jax.lax.switch(1, [lambda x, k: 2 * layers.pointwise(x, k), layers.pointwise], x, k)
-
-  with jax.default_matmul_precision("highest"):
-    y_ref, vjp_ref = jax.vjp(lambda x, k: jax.numpy.einsum("...c,co->...o", x, k), x, k)
-    cot = rng.normal(size=y_ref.shape).astype(np.float32)
-    y, (dx, dk) = jax.jit(lambda x, k, c: (ours(x, k), jax.vjp(ours, x, k)[1](c)))(x, k, cot)
-    dx_ref, dk_ref = vjp_ref(cot)
-  np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(dx, dx_ref, atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(dk, dk_ref, atol=1e-4, rtol=1e-5)
+  ours = _in_switch(layers.pointwise) if in_switch else layers.pointwise
+  _assert_vjp_matches(ours, lambda x, k: jax.numpy.einsum("...c,co->...o", x, k), x, k, rng)
 
 
 def test_pointwise_kernel_gradient_forms_agree():
