@@ -3,7 +3,7 @@
 Why: XLA:CPU allocates each execution's buffers (hundreds of MB for a Mask R-CNN train step) with posix_memalign
 and frees them when the step ends. glibc serves allocations above 32 MB, and any large one from a worker thread's
 arena, with a fresh mmap and returns it with munmap, so every step touches its memory anew: at 512x512, batch 2,
-that was 730,000 page faults and 3.2 s of kernel time per step on two cores (a 6.5 s step became 4.4 s without
+that was 730,000 page faults and 3.2 s of kernel time per step on two cores (a 6.5 s step became 4.9 s without
 them). With one arena, no mmap and no trimming, freed memory is reused as is. Peak RSS does not grow (4.7 GB
 over 12 steps, against 5.2 GB with mmap); it is simply not given back until the process ends.
 

@@ -20,6 +20,8 @@ import pathlib
 from absl import app, flags
 from ml_collections import config_flags
 
+from mrcnn_jax import host_memory
+
 log = logging.getLogger(__name__)
 
 FLAGS = flags.FLAGS
@@ -27,7 +29,7 @@ config_flags.DEFINE_config_file("config", None, "Config file: configs/FILE.py[:a
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl, eval/ and predictions.png go; an existing one "
                     "is resumed.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host runs).")
-flags.DEFINE_enum("host_malloc", "reuse", ["reuse", "system"], "reuse: keep freed host memory in the process "
+flags.DEFINE_enum("host_malloc", "reuse", list(host_memory.CHOICES), "reuse: keep freed host memory in the process "
                   "(mrcnn_jax.host_memory; on CPU, XLA's per-step buffers then stop page-faulting), system: glibc's "
                   "defaults.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -131,8 +133,6 @@ def run(config, workdir) -> dict | None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from mrcnn_jax import host_memory
-
   host_memory.configure(FLAGS.host_malloc)  # first: before JAX or the data loaders start threads
   import jax
   from absl import logging as absl_logging

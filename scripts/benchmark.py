@@ -53,6 +53,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+# The package imports no JAX on import: the torch workers stay free of it.
+from mrcnn_jax import host_memory
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -647,7 +650,7 @@ def main(argv=None) -> int:
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                       help="train: our model's compute dtype (bfloat16 on GPU/TPU; params stay float32)")
   parser.add_argument("--skip_torch", action="store_true", help="train: time only mrcnn_jax (no torchvision run)")
-  parser.add_argument("--host_malloc", default="reuse", choices=["reuse", "system"],
+  parser.add_argument("--host_malloc", default="reuse", choices=host_memory.CHOICES,
                       help="model, train: host allocator setting of both sides' processes (see above)")
   parser.add_argument("--json", type=pathlib.Path, help="also write the rows here (atomically)")
   # The model group's workers (one subprocess per side and batch): print their result as JSON on the last line.
@@ -664,8 +667,6 @@ def main(argv=None) -> int:
     parser.error("--repeats must be at least 5")
   if args.only:
     # Before torch or JAX starts a thread: the setting must hold for every thread's allocations.
-    from mrcnn_jax import host_memory  # the package imports no JAX: the torch worker stays free of it
-
     host_memory.configure(args.host_malloc)
     if args.only == "jax":
       _import_jax()
