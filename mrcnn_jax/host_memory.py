@@ -24,12 +24,17 @@ _M_ARENA_MAX = -8
 CHOICES = ("reuse", "system")
 
 
+def supported() -> bool:
+  """Whether this process's C library is glibc on Linux, the one `keep_freed_memory` knows how to configure."""
+  return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def keep_freed_memory() -> bool:
   """Make glibc keep and reuse freed memory (see the module docstring). Call it before JAX starts its threads.
 
   Returns True if it was applied, False where the C library is not glibc (macOS, musl), which is left alone.
   """
-  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+  if not supported():
     return False
   libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
   libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)

@@ -2,7 +2,6 @@
 
 import json
 import pathlib
-import platform
 import subprocess
 import sys
 
@@ -51,7 +50,7 @@ def _thp_always() -> bool:
     return False
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+@pytest.mark.skipif(not host_memory.supported(), reason="glibc only")
 @pytest.mark.skipif(_thp_always(), reason="with transparent huge pages always on, fresh mmaps fault per 2 MB")
 def test_reuse_stops_page_faults_of_repeated_runs(tmp_path):
   system = _faults("system", tmp_path)
