@@ -181,7 +181,7 @@ def _conv3x3_winograd(x, kernel, padding: int):
 def _kernel_grad_winograd(x, dy, padding: int):
   """d loss / d kernel of `_conv3x3_winograd`: dU = V^T dM per tile position (16 matmuls over the tiles, 4
   multiplies per pixel and channel pair instead of the 9 of the per-tap form), then dk = G^T dU G."""
-  n, h, w, c = x.shape
+  _, h, w, _ = x.shape
   v = _winograd_input(x, padding)
   dm = _winograd_output_transpose(dy, padding, h, w)
   # As in `_pointwise_kernel_grad_cpu`: dM transposed once from memory, then standard-form matmuls.
