@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax import lax
 
+from mrcnn_jax.modeling import winograd
+
 NORMS = ("FrozenBN", "BN", "GN")
 
 
@@ -49,8 +51,9 @@ _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 # On CPU, kernel gradients are computed tap by tap (see `conv2d`); tests turn this off to check XLA's own path.
 _TAPWISE_KERNEL_GRAD_ON_CPU = True
-# On CPU, 3x3 stride-1 convolutions and their gradients use Winograd's F(2x2, 3x3) (see `_conv3x3_winograd`).
-_WINOGRAD_ON_CPU = True
+# On CPU, large 3x3 stride-1 convolutions and their gradients run by Winograd's minimal filtering (see
+# `_cpu_winograd`); False keeps XLA's convolutions.
+_CPU_WINOGRAD = True
 
 
 def _conv(x, kernel, stride: int, padding: int):
@@ -88,106 +91,6 @@ def _kernel_grad_tapwise(x, dy, kernel_shape, stride: int, padding: int):
                      (1, stride, stride, 1))
       taps.append(jnp.einsum("nhwc,nhwo->co", xs, dy, preferred_element_type=jnp.float32))
   return jnp.stack(taps).reshape(kernel_shape).astype(dy.dtype)
-
-
-# Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016):
-# each 2x2 block of outputs is A^T [(G k G^T) * (B^T d B)] A for the 4x4 input tile d under it, so a 3x3 convolution
-# becomes 16 independent (tiles, C) x (C, O) matmuls: 4 multiplies per output pixel and channel pair instead of 9.
-# B^T's entries are 0 and +-1 and G's 0, +-1/2 and 1, so the transforms are exact additions and halvings.
-def _winograd_tiles_1d(x, axis: int, tiles: int):
-  """B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]] applied along `axis` to the 4-long windows at
-  stride 2 of x (which holds 2 * tiles + 2 entries on that axis): four arrays with `tiles` entries there.
-
-  Window t holds d_a = x[2t + a]: d_0 and d_2 are the even entries t and t + 1, d_1 and d_3 the odd ones, so each
-  row of B^T is an add of two shifted slices; XLA fuses them and transposes them into pads and adds."""
-  even = lax.slice_in_dim(x, 0, 2 * tiles + 2, 2, axis)
-  odd = lax.slice_in_dim(x, 1, 2 * tiles + 2, 2, axis)
-  d0, d2 = lax.slice_in_dim(even, 0, tiles, 1, axis), lax.slice_in_dim(even, 1, tiles + 1, 1, axis)
-  d1, d3 = lax.slice_in_dim(odd, 0, tiles, 1, axis), lax.slice_in_dim(odd, 1, tiles + 1, 1, axis)
-  return [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
-
-
-def _winograd_tile_grid(h: int, w: int, padding: int):
-  """Output size (Ho, Wo) of a 3x3 stride-1 convolution and the (Th, Tw) 2x2 output tiles that cover it."""
-  ho, wo = h + 2 * padding - 2, w + 2 * padding - 2
-  return ho, wo, -(-ho // 2), -(-wo // 2)
-
-
-def _winograd_input(x, padding: int):
-  """x (N, H, W, C) zero-padded, in 4x4 tiles at stride 2, each transformed to B^T d B: (16, N * Th * Tw, C)."""
-  n, h, w, c = x.shape
-  _, _, th, tw = _winograd_tile_grid(h, w, padding)
-  # Pad to exactly 2 * Th + 2 rows and 2 * Tw + 2 columns; the extra bottom/right zeros only feed outputs past
-  # (Ho, Wo), which `_winograd_output` drops.
-  xp = jnp.pad(x, ((0, 0), (padding, 2 * th + 2 - h - padding), (padding, 2 * tw + 2 - w - padding), (0, 0)))
-  rows = _winograd_tiles_1d(xp, 1, th)
-  v = jnp.stack([t for r in rows for t in _winograd_tiles_1d(r, 2, tw)])
-  return v.reshape(16, n * th * tw, c)
-
-
-def _winograd_kernel_1d(k0, k1, k2):
-  """G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]] applied to three taps."""
-  return [k0, 0.5 * (k0 + k1 + k2), 0.5 * (k0 - k1 + k2), k2]
-
-
-def _winograd_kernel(kernel):
-  """G k G^T of a (3, 3, C, O) kernel: (16, C, O). Written out as adds, which XLA fuses into one pass (as an
-  einsum with G it costs a few ms of small matmuls per layer)."""
-  rows = _winograd_kernel_1d(kernel[0], kernel[1], kernel[2])
-  return jnp.stack([t for r in rows for t in _winograd_kernel_1d(r[0], r[1], r[2])])
-
-
-def _winograd_kernel_transpose(du):
-  """The transpose of `_winograd_kernel`: dU (16, C, O) -> dk = G^T dU G (3, 3, C, O)."""
-  def gather(u0, u1, u2, u3):  # G^T = [[1, 1/2, 1/2, 0], [0, 1/2, -1/2, 0], [0, 1/2, 1/2, 1]]
-    return [u0 + 0.5 * (u1 + u2), 0.5 * (u1 - u2), u3 + 0.5 * (u1 + u2)]
-
-  du = du.reshape(4, 4, *du.shape[1:])
-  cols = [gather(du[a, 0], du[a, 1], du[a, 2], du[a, 3]) for a in range(4)]  # [a][x]
-  return jnp.stack([jnp.stack(gather(*(cols[a][x] for a in range(4)))) for x in range(3)], axis=1)
-
-
-def _winograd_output(m, n: int, h: int, w: int, padding: int):
-  """A^T M A with A^T = [[1, 1, 1, 0], [0, 1, -1, -1]] for M (16, N * Th * Tw, O): the (N, Ho, Wo, O) outputs."""
-  ho, wo, th, tw = _winograd_tile_grid(h, w, padding)
-  m = m.reshape(4, 4, n, th, tw, m.shape[-1])
-  rows = (m[0] + m[1] + m[2], m[1] - m[2] - m[3])
-  y = jnp.stack([jnp.stack([r[0] + r[1] + r[2], r[1] - r[2] - r[3]], axis=3) for r in rows], axis=2)
-  return y.reshape(n, 2 * th, 2 * tw, -1)[:, :ho, :wo]  # (N, Th, 2, Tw, 2, O): tile rows and columns interleaved
-
-
-def _winograd_output_transpose(dy, padding: int, h: int, w: int):
-  """The transpose of `_winograd_output`: dy (N, Ho, Wo, O) -> dM (16, N * Th * Tw, O), dM = A dY A^T per tile."""
-  n, ho, wo, o = dy.shape
-  _, _, th, tw = _winograd_tile_grid(h, w, padding)
-  dy = jnp.pad(dy, ((0, 0), (0, 2 * th - ho), (0, 2 * tw - wo), (0, 0))).reshape(n, th, 2, tw, 2, o)
-
-  def spread(d0, d1):  # A = [[1, 0], [1, 1], [1, -1], [0, -1]] applied to the pair (d0, d1)
-    return [d0, d0 + d1, d0 - d1, -d1]
-
-  rows = spread(dy[:, :, 0], dy[:, :, 1])  # each (N, Th, Tw, 2, O)
-  dm = jnp.stack([t for r in rows for t in spread(r[:, :, :, 0], r[:, :, :, 1])])
-  return dm.reshape(16, n * th * tw, o)
-
-
-def _conv3x3_winograd(x, kernel, padding: int):
-  """A 3x3 stride-1 convolution (NHWC x HWIO, symmetric zero padding) by Winograd's F(2x2, 3x3)."""
-  n, h, w, _ = x.shape
-  m = lax.dot_general(_winograd_input(x, padding), _winograd_kernel(kernel), (((2,), (1,)), ((0,), (0,))),
-                      preferred_element_type=jnp.float32)
-  return _winograd_output(m, n, h, w, padding).astype(x.dtype)
-
-
-def _kernel_grad_winograd(x, dy, padding: int):
-  """d loss / d kernel of `_conv3x3_winograd`: dU = V^T dM per tile position (16 matmuls over the tiles, 4
-  multiplies per pixel and channel pair instead of the 9 of the per-tap form), then dk = G^T dU G."""
-  _, h, w, _ = x.shape
-  v = _winograd_input(x, padding)
-  dm = _winograd_output_transpose(dy, padding, h, w)
-  # As in `_pointwise_kernel_grad_cpu`: dM transposed once from memory, then standard-form matmuls.
-  dm_t = jnp.swapaxes(lax.optimization_barrier(dm), 1, 2)
-  du = jnp.matmul(dm_t, v, preferred_element_type=jnp.float32)  # (16, O, C)
-  return _winograd_kernel_transpose(jnp.swapaxes(du, 1, 2)).astype(dy.dtype)
 
 
 def _materialize_on_cpu(x):
@@ -251,26 +154,40 @@ def conv2d(x, kernel, stride: int, padding: int):
   of 21 ms for its input gradient. So on CPU the kernel gradient is one matmul per tap, and the input gradient of a
   stride-1 convolution is written as the forward convolution it is (flipped kernel), which XLA:CPU runs fast
   everywhere. Other backends, and strided input gradients, keep XLA's.
+
+  On CPU, large 3x3 stride-1 layers (see `_cpu_winograd`) run by Winograd's minimal filtering instead, forward,
+  input gradient and kernel gradient alike (`winograd`): XLA:CPU has no Winograd of its own, and the R50-FPN train
+  step (batch 2, two cores) went from 4.45 s to 3.38 s at 512x512 and from 14.8 s to 10.7 s at 800x1344.
   """
   return _conv_fast_on_cpu(x, kernel, stride, padding)
 
 
-def _winograd_applies(x_shape, kernel_shape, stride: int, padding: int) -> bool:
-  """Whether a convolution runs by Winograd's F(2x2, 3x3) on CPU: 3x3, stride 1, and enough work to pay for the
-  transforms. Measured on two cores, forward and backward: 2x128x128x256 (FPN's P2) 0.6x the time, 16x14x14x256 (the
-  mask head) 0.6x, 2x32x32x256 0.8x; but 2x16x16x512 (res5) 1.6x and 2x128x128x64 (res2) 1.1x."""
-  if not (_WINOGRAD_ON_CPU and stride == 1 and tuple(kernel_shape[:2]) == (3, 3)):
-    return False
+def _cpu_winograd(x_shape, kernel_shape, stride: int, padding: int) -> winograd.Transform | None:
+  """The Winograd transform a convolution runs by on CPU, or None for XLA's convolution: only 3x3 stride-1 layers
+  with at least 128 channels in and out; F(2x2, 3x3) from 2048 output pixels, F(4x4, 3x3) from 8192 on maps of at
+  least 32x32.
+
+  Forward and backward on two cores, against XLA's convolution: 2x200x336x256 (FPN's P2 at 800x1344) F4 0.43x the
+  time, F2 0.57x; 2x64x64x256 F4 0.45x, F2 0.57x; 2x32x32x256 F2 0.66x, F4 0.75x; the mask head (16x14x14x256)
+  F2 0.60x, F4 0.71x. Below 2048 pixels the transforms cost more than they save (2x16x16x512, res5: 1.6x), and so
+  they do at 64 channels (2x128x128x64, res2: 1.1x)."""
+  if not _CPU_WINOGRAD or stride != 1 or tuple(kernel_shape[:2]) != (3, 3) or min(kernel_shape[2:]) < 128:
+    return None
   n, h, w, _ = x_shape
-  _, _, th, tw = _winograd_tile_grid(h, w, padding)
-  return n * th * tw >= 512 and min(kernel_shape[2:]) >= 128
+  ho, wo = h + 2 * padding - 2, w + 2 * padding - 2
+  if n * ho * wo < 2048:
+    return None
+  # On small maps F(4x4, 3x3) computes many outputs past the edge (16x16 for the mask head's 14x14) and is no faster
+  # than F(2x2, 3x3) (64 RoIs of 14x14x256: 151 ms against 149), which is also more accurate and quicker to compile.
+  return winograd.F4 if n * ho * wo >= 8192 and min(ho, wo) >= 32 else winograd.F2
 
 
 def _conv_fast_on_cpu(x, kernel, stride: int, padding: int):
-  """`_conv`, by Winograd's F(2x2, 3x3) on CPU where it applies (see `_winograd_applies`)."""
-  if not _winograd_applies(x.shape, kernel.shape, stride, padding):
+  """`_conv`, by Winograd's minimal filtering on CPU where it applies (see `_cpu_winograd`)."""
+  t = _cpu_winograd(x.shape, kernel.shape, stride, padding)
+  if t is None:
     return _conv(x, kernel, stride, padding)
-  return lax.platform_dependent(x, kernel, cpu=functools.partial(_conv3x3_winograd, padding=padding),
+  return lax.platform_dependent(x, kernel, cpu=functools.partial(winograd.conv3x3, padding=padding, t=t),
                                 default=functools.partial(_conv, stride=stride, padding=padding))
 
 
@@ -285,8 +202,9 @@ def _input_grad_as_conv(x, dy, kernel, padding: int):
   del x
   kh = kernel.shape[0]
   flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
-  if _winograd_applies(dy.shape, flipped.shape, 1, kh - 1 - padding):
-    return _conv3x3_winograd(dy, flipped, kh - 1 - padding)
+  t = _cpu_winograd(dy.shape, flipped.shape, 1, kh - 1 - padding)
+  if t is not None:
+    return winograd.conv3x3(dy, flipped, kh - 1 - padding, t)
   return _conv(dy, flipped, 1, kh - 1 - padding)
 
 
@@ -307,9 +225,10 @@ def _conv2d_bwd(stride, padding, residuals, dy):
     _, kernel_vjp = jax.vjp(lambda k: _conv(x, k, stride, padding), kernel)
     return kernel_vjp(dy)[0]
 
-  if _winograd_applies(x.shape, kernel.shape, stride, padding):
-    winograd = functools.partial(_kernel_grad_winograd, padding=padding)
-    dk = lax.platform_dependent(x, dy, cpu=winograd, default=xla_kernel_grad)
+  t = _cpu_winograd(x.shape, kernel.shape, stride, padding)
+  if t is not None:
+    by_winograd = functools.partial(winograd.kernel_grad, padding=padding, t=t)
+    dk = lax.platform_dependent(x, dy, cpu=by_winograd, default=xla_kernel_grad)
   elif _TAPWISE_KERNEL_GRAD_ON_CPU:
     tapwise = functools.partial(_kernel_grad_tapwise, kernel_shape=kernel.shape, stride=stride, padding=padding)
     dk = lax.platform_dependent(x, dy, cpu=tapwise, default=xla_kernel_grad)

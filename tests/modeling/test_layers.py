@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mrcnn_jax.convert import common
-from mrcnn_jax.modeling import layers
+from mrcnn_jax.modeling import layers, winograd
 
 torch = pytest.importorskip("torch", reason="torch is the oracle; install the `parity` extra")
 
@@ -150,56 +150,61 @@ def test_pointwise_keeps_dtypes():
   np.testing.assert_allclose(np.asarray(dk, np.float32), np.full((4, 5), 18.0))
 
 
-@pytest.mark.parametrize("padding", [0, 1, 2])
-@pytest.mark.parametrize("hw", [(6, 8), (7, 5)])
-def test_winograd_convolution_and_kernel_gradient_match_xla(hw, padding):
-  """Winograd's F(2x2, 3x3) forms (the convolution, and the kernel gradient from the transformed tiles) against XLA's
-  convolution and its autodiff, on even and odd sizes (outputs cropped from whole 2x2 tiles) and every padding the
-  forward (0, 1) and the input gradient (2 - padding) use."""
-  rng = np.random.default_rng(padding * 10 + hw[0])
-  x = rng.normal(size=(2, *hw, 5)).astype(np.float32)
-  k = rng.normal(size=(3, 3, 5, 4)).astype(np.float32)
-
-  def reference(x, k):
-    return jax.lax.conv_general_dilated(x, k, (1, 1), ((padding, padding),) * 2,
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-  with jax.default_matmul_precision("highest"):
-    y_ref, vjp_ref = jax.vjp(reference, x, k)
-    cot = rng.normal(size=y_ref.shape).astype(np.float32)
-    y = layers._conv3x3_winograd(x, k, padding)
-    dk = layers._kernel_grad_winograd(x, cot, padding)
-    _, dk_ref = vjp_ref(cot)
-  assert y.shape == y_ref.shape
-  np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(dk, dk_ref, atol=1e-4, rtol=1e-5)
-
-
-def _conv3x3_float64(x, k, cot):
-  """y, dx and dk of a 3x3 stride-1 convolution with padding 1, in float64 with numpy, tap by tap."""
+def _conv3x3_float64(x, k, cot, padding=1):
+  """y, dx and dk of a 3x3 stride-1 convolution, in float64 with numpy, tap by tap."""
   x, k, cot = (np.asarray(a, np.float64) for a in (x, k, cot))
-  _, h, w, _ = x.shape
-  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  y = sum(xp[:, i:i + h, j:j + w] @ k[i, j] for i in range(3) for j in range(3))
+  ho, wo = cot.shape[1:3]
+  xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  y = sum(xp[:, i:i + ho, j:j + wo] @ k[i, j] for i in range(3) for j in range(3))
   dxp = np.zeros_like(xp)
   for i in range(3):
     for j in range(3):
-      dxp[:, i:i + h, j:j + w] += cot @ k[i, j].T
-  dk = np.stack([np.stack([np.einsum("nhwc,nhwo->co", xp[:, i:i + h, j:j + w], cot) for j in range(3)])
+      dxp[:, i:i + ho, j:j + wo] += cot @ k[i, j].T
+  dk = np.stack([np.stack([np.einsum("nhwc,nhwo->co", xp[:, i:i + ho, j:j + wo], cot) for j in range(3)])
                  for i in range(3)])
-  return y, dxp[:, 1:-1, 1:-1], dk
+  return y, dxp[:, padding:xp.shape[1] - padding, padding:xp.shape[2] - padding], dk
+
+
+# Largest error of each Winograd transform against a float64 convolution, relative to the largest magnitude:
+# F(2x2, 3x3) is as exact as a direct float32 convolution, F(4x4, 3x3) about ten times less (see `winograd`).
+_WINOGRAD_RTOL = {2: 2e-6, 4: 2e-5}
+
+
+@pytest.mark.parametrize("t", [winograd.F2, winograd.F4], ids=["F2", "F4"])
+@pytest.mark.parametrize("padding", [0, 1, 2])
+@pytest.mark.parametrize("hw", [(6, 8), (7, 5), (9, 13)])
+def test_winograd_convolution_and_kernel_gradient_match_float64(hw, padding, t):
+  """Winograd's forms (the convolution, and the kernel gradient from the transformed tiles) against a float64
+  convolution, on sizes that are and are not whole tiles (outputs cropped) and every padding the forward (0, 1) and
+  the input gradient (2 - padding) use."""
+  rng = np.random.default_rng(padding * 10 + hw[0])
+  x = rng.normal(size=(2, *hw, 5)).astype(np.float32)
+  k = rng.normal(size=(3, 3, 5, 4)).astype(np.float32)
+  out_hw = (hw[0] + 2 * padding - 2, hw[1] + 2 * padding - 2)
+  cot = rng.normal(size=(2, *out_hw, 4)).astype(np.float32)
+  y_exact, _, dk_exact = _conv3x3_float64(x, k, cot, padding)
+  with jax.default_matmul_precision("highest"):
+    y = winograd.conv3x3(x, k, padding, t)
+    dk = winograd.kernel_grad(x, cot, padding, t)
+  rtol = _WINOGRAD_RTOL[t.m]
+  assert y.shape == y_exact.shape and dk.shape == dk_exact.shape
+  np.testing.assert_allclose(y, y_exact, atol=rtol * np.abs(y_exact).max(), rtol=0)
+  np.testing.assert_allclose(dk, dk_exact, atol=rtol * np.abs(dk_exact).max(), rtol=0)
 
 
 @pytest.mark.parametrize("in_switch", [False, True])
-def test_conv2d_runs_winograd_where_it_applies(in_switch):
-  """A 3x3 stride-1 layer big enough for Winograd on CPU (2x32x33x128 -> 128: 544 output tiles) computes it without
-  any convolution op, with the values and gradients of the exact (float64) convolution to within 2e-6 of their
-  largest magnitude; XLA's own float32 convolution is no closer (its kernel gradient here: 1.8e-6, Winograd's
-  0.7e-6). A smaller layer keeps XLA's convolution."""
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(2, 32, 33, 128)).astype(np.float32)
+@pytest.mark.parametrize("hw,m", [((32, 33), 2), ((64, 65), 4)])
+def test_conv2d_runs_winograd_where_it_applies(hw, m, in_switch):
+  """3x3 stride-1 layers big enough for Winograd on CPU (128 -> 128 channels; 2x32x33 output pixels take F(2x2, 3x3),
+  2x64x65 F(4x4, 3x3)) compute it without any convolution op, with the values and gradients of the exact (float64)
+  convolution within the transform's tolerance. XLA's own float32 convolution is no closer than F(2x2, 3x3) (at
+  2x32x33 its kernel gradient is off by 1.8e-6 of the largest entry, F(2x2, 3x3)'s by 0.7e-6). A smaller layer
+  keeps XLA's convolution."""
+  rng = np.random.default_rng(m)
+  x = rng.normal(size=(2, *hw, 128)).astype(np.float32)
   k = (0.05 * rng.normal(size=(3, 3, 128, 128))).astype(np.float32)
-  cot = rng.normal(size=(2, 32, 33, 128)).astype(np.float32)
+  cot = rng.normal(size=(2, *hw, 128)).astype(np.float32)
+  assert layers._cpu_winograd(x.shape, k.shape, 1, 1).m == m
 
   def ours(x, k):
     return layers.conv2d(x, k, 1, 1)
@@ -215,7 +220,21 @@ def test_conv2d_runs_winograd_where_it_applies(in_switch):
     compiled = jax.jit(value_and_grads).lower(x, k, cot).compile().as_text()
     small = jax.jit(value_and_grads).lower(x[:, :16, :16], k, cot[:, :16, :16]).compile().as_text()
   for name, ours_value, exact in zip(("y", "dx", "dk"), got, _conv3x3_float64(x, k, cot)):
-    np.testing.assert_allclose(ours_value, exact, atol=2e-6 * np.abs(exact).max(), rtol=0, err_msg=name)
+    np.testing.assert_allclose(ours_value, exact, atol=_WINOGRAD_RTOL[m] * np.abs(exact).max(), rtol=0, err_msg=name)
   if jax.default_backend() == "cpu":
     assert " convolution(" not in compiled
-    assert " convolution(" in small  # 2 x 8 x 8 = 128 tiles
+    assert " convolution(" in small  # 2 x 16 x 16 output pixels
+
+
+def test_cpu_winograd_choice_follows_the_measured_rule():
+  """F(4x4, 3x3) on large maps, F(2x2, 3x3) on mid-sized work and small maps (the mask head's 14x14), XLA's
+  convolution for small work, thin layers, strides and other kernel sizes."""
+  choose = layers._cpu_winograd
+  assert choose((2, 200, 336, 256), (3, 3, 256, 256), 1, 1) is winograd.F4  # FPN's P2 at 800x1344
+  assert choose((2, 64, 64, 128), (3, 3, 128, 128), 1, 1) is winograd.F4  # 8192 pixels
+  assert choose((2, 32, 32, 256), (3, 3, 256, 256), 1, 1) is winograd.F2  # 2048 pixels
+  assert choose((64, 14, 14, 256), (3, 3, 256, 256), 1, 1) is winograd.F2  # many pixels, small maps
+  assert choose((2, 16, 16, 512), (3, 3, 512, 512), 1, 1) is None  # 512 pixels
+  assert choose((2, 128, 128, 64), (3, 3, 64, 64), 1, 1) is None  # 64 channels
+  assert choose((2, 128, 128, 256), (3, 3, 256, 256), 2, 1) is None  # strided
+  assert choose((2, 128, 128, 256), (5, 5, 256, 256), 1, 2) is None  # not 3x3
