@@ -162,18 +162,21 @@ def conv2d(x, kernel, stride: int, padding: int):
   return _conv_fast_on_cpu(x, kernel, stride, padding)
 
 
-def _cpu_winograd(x_shape, kernel_shape, stride: int, padding: int) -> winograd.Transform | None:
-  """The Winograd transform a convolution runs by on CPU, or None for XLA's convolution: only 3x3 stride-1 layers
-  with at least 128 channels in and out; F(2x2, 3x3) from 2048 output pixels, F(4x4, 3x3) from 8192 on maps of at
-  least 32x32.
+def _cpu_winograd(x, kernel, stride: int, padding: int) -> winograd.Transform | None:
+  """The Winograd transform a convolution of x by kernel (arrays or shape-dtype structs) runs by on CPU, or None for
+  XLA's convolution: only float32 3x3 stride-1 layers with at least 128 channels in and out; F(2x2, 3x3) from 2048
+  output pixels, F(4x4, 3x3) from 8192 on maps of at least 32x32. (In bfloat16 the transforms would round at every
+  add.)
 
   Forward and backward on two cores, against XLA's convolution: 2x200x336x256 (FPN's P2 at 800x1344) F4 0.43x the
   time, F2 0.57x; 2x64x64x256 F4 0.45x, F2 0.57x; 2x32x32x256 F2 0.66x, F4 0.75x; the mask head (16x14x14x256)
   F2 0.60x, F4 0.71x. Below 2048 pixels the transforms cost more than they save (2x16x16x512, res5: 1.6x), and so
   they do at 64 channels (2x128x128x64, res2: 1.1x)."""
-  if not _CPU_WINOGRAD or stride != 1 or tuple(kernel_shape[:2]) != (3, 3) or min(kernel_shape[2:]) < 128:
+  if not _CPU_WINOGRAD or x.dtype != jnp.float32 or kernel.dtype != jnp.float32 or stride != 1:
     return None
-  n, h, w, _ = x_shape
+  if tuple(kernel.shape[:2]) != (3, 3) or min(kernel.shape[2:]) < 128:
+    return None
+  n, h, w, _ = x.shape
   ho, wo = h + 2 * padding - 2, w + 2 * padding - 2
   if n * ho * wo < 2048:
     return None
@@ -184,7 +187,7 @@ def _cpu_winograd(x_shape, kernel_shape, stride: int, padding: int) -> winograd.
 
 def _conv_fast_on_cpu(x, kernel, stride: int, padding: int):
   """`_conv`, by Winograd's minimal filtering on CPU where it applies (see `_cpu_winograd`)."""
-  t = _cpu_winograd(x.shape, kernel.shape, stride, padding)
+  t = _cpu_winograd(x, kernel, stride, padding)
   if t is None:
     return _conv(x, kernel, stride, padding)
   return lax.platform_dependent(x, kernel, cpu=functools.partial(winograd.conv3x3, padding=padding, t=t),
@@ -202,7 +205,7 @@ def _input_grad_as_conv(x, dy, kernel, padding: int):
   del x
   kh = kernel.shape[0]
   flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
-  t = _cpu_winograd(dy.shape, flipped.shape, 1, kh - 1 - padding)
+  t = _cpu_winograd(dy, flipped, 1, kh - 1 - padding)
   if t is not None:
     return winograd.conv3x3(dy, flipped, kh - 1 - padding, t)
   return _conv(dy, flipped, 1, kh - 1 - padding)
@@ -225,7 +228,7 @@ def _conv2d_bwd(stride, padding, residuals, dy):
     _, kernel_vjp = jax.vjp(lambda k: _conv(x, k, stride, padding), kernel)
     return kernel_vjp(dy)[0]
 
-  t = _cpu_winograd(x.shape, kernel.shape, stride, padding)
+  t = _cpu_winograd(x, kernel, stride, padding)
   if t is not None:
     by_winograd = functools.partial(winograd.kernel_grad, padding=padding, t=t)
     dk = lax.platform_dependent(x, dy, cpu=by_winograd, default=xla_kernel_grad)

@@ -204,7 +204,7 @@ def test_conv2d_runs_winograd_where_it_applies(hw, m, in_switch):
   x = rng.normal(size=(2, *hw, 128)).astype(np.float32)
   k = (0.05 * rng.normal(size=(3, 3, 128, 128))).astype(np.float32)
   cot = rng.normal(size=(2, *hw, 128)).astype(np.float32)
-  assert layers._cpu_winograd(x.shape, k.shape, 1, 1).m == m
+  assert layers._cpu_winograd(x, k, 1, 1).m == m
 
   def ours(x, k):
     return layers.conv2d(x, k, 1, 1)
@@ -228,13 +228,18 @@ def test_conv2d_runs_winograd_where_it_applies(hw, m, in_switch):
 
 def test_cpu_winograd_choice_follows_the_measured_rule():
   """F(4x4, 3x3) on large maps, F(2x2, 3x3) on mid-sized work and small maps (the mask head's 14x14), XLA's
-  convolution for small work, thin layers, strides and other kernel sizes."""
-  choose = layers._cpu_winograd
-  assert choose((2, 200, 336, 256), (3, 3, 256, 256), 1, 1) is winograd.F4  # FPN's P2 at 800x1344
-  assert choose((2, 64, 64, 128), (3, 3, 128, 128), 1, 1) is winograd.F4  # 8192 pixels
-  assert choose((2, 32, 32, 256), (3, 3, 256, 256), 1, 1) is winograd.F2  # 2048 pixels
-  assert choose((64, 14, 14, 256), (3, 3, 256, 256), 1, 1) is winograd.F2  # many pixels, small maps
-  assert choose((2, 16, 16, 512), (3, 3, 512, 512), 1, 1) is None  # 512 pixels
-  assert choose((2, 128, 128, 64), (3, 3, 64, 64), 1, 1) is None  # 64 channels
-  assert choose((2, 128, 128, 256), (3, 3, 256, 256), 2, 1) is None  # strided
-  assert choose((2, 128, 128, 256), (5, 5, 256, 256), 1, 2) is None  # not 3x3
+  convolution for small work, thin layers, strides, other kernel sizes and bfloat16."""
+
+  def choose(x_shape, kernel_shape, stride=1, padding=1, dtype=np.float32):
+    return layers._cpu_winograd(jax.ShapeDtypeStruct(x_shape, dtype), jax.ShapeDtypeStruct(kernel_shape, dtype),
+                                stride, padding)
+
+  assert choose((2, 200, 336, 256), (3, 3, 256, 256)) is winograd.F4  # FPN's P2 at 800x1344
+  assert choose((2, 64, 64, 128), (3, 3, 128, 128)) is winograd.F4  # 8192 pixels
+  assert choose((2, 32, 32, 256), (3, 3, 256, 256)) is winograd.F2  # 2048 pixels
+  assert choose((64, 14, 14, 256), (3, 3, 256, 256)) is winograd.F2  # many pixels, small maps
+  assert choose((2, 16, 16, 512), (3, 3, 512, 512)) is None  # 512 pixels
+  assert choose((2, 128, 128, 64), (3, 3, 64, 64)) is None  # 64 channels
+  assert choose((2, 128, 128, 256), (3, 3, 256, 256), stride=2) is None
+  assert choose((2, 128, 128, 256), (5, 5, 256, 256), padding=2) is None
+  assert choose((2, 128, 128, 256), (3, 3, 256, 256), dtype=jax.numpy.bfloat16) is None
