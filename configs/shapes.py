@@ -10,7 +10,7 @@ RPN and heads shrunk to the task (3 classes, at most 8 instances per 128x128 ima
 `:runlocal` shrinks it to a smoke run of a few steps.
 
 Expected on the held-out shapes val split (100 images): bbox AP 75.6, segm AP 74.4 (measured: 1,000 steps of batch
-8, 0.49 s per step, the whole job 9.6 min including the install on a 2-core CPU; deterministic on CPU).
+8, 0.49-0.55 s per step, the whole job 9.5-10.5 min including the install on a 2-core CPU; deterministic on CPU).
 """
 
 import ml_collections
