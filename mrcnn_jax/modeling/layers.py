@@ -177,7 +177,7 @@ def _cpu_winograd(x, kernel, stride: int, padding: int) -> winograd.Transform | 
   if tuple(kernel.shape[:2]) != (3, 3) or min(kernel.shape[2:]) < 128:
     return None
   n, h, w, _ = x.shape
-  ho, wo = h + 2 * padding - 2, w + 2 * padding - 2
+  ho, wo = winograd.output_size(h, w, padding)
   if n * ho * wo < 2048:
     return None
   # On small maps F(4x4, 3x3) computes many outputs past the edge (16x16 for the mask head's 14x14) and is no faster
@@ -185,12 +185,17 @@ def _cpu_winograd(x, kernel, stride: int, padding: int) -> winograd.Transform | 
   return winograd.F4 if n * ho * wo >= 8192 and min(ho, wo) >= 32 else winograd.F2
 
 
-def _conv_fast_on_cpu(x, kernel, stride: int, padding: int):
-  """`_conv`, by Winograd's minimal filtering on CPU where it applies (see `_cpu_winograd`)."""
+def _conv_cpu(x, kernel, stride: int, padding: int):
+  """`_conv` as it runs on CPU: by Winograd's minimal filtering where that applies (see `_cpu_winograd`)."""
   t = _cpu_winograd(x, kernel, stride, padding)
-  if t is None:
+  return _conv(x, kernel, stride, padding) if t is None else winograd.conv3x3(x, kernel, padding, t)
+
+
+def _conv_fast_on_cpu(x, kernel, stride: int, padding: int):
+  """`_conv`, with `_conv_cpu` on CPU; no platform switch where both are XLA's convolution."""
+  if _cpu_winograd(x, kernel, stride, padding) is None:
     return _conv(x, kernel, stride, padding)
-  return lax.platform_dependent(x, kernel, cpu=functools.partial(winograd.conv3x3, padding=padding, t=t),
+  return lax.platform_dependent(x, kernel, cpu=functools.partial(_conv_cpu, stride=stride, padding=padding),
                                 default=functools.partial(_conv, stride=stride, padding=padding))
 
 
@@ -204,11 +209,7 @@ def _input_grad_as_conv(x, dy, kernel, padding: int):
   its in/out channels swapped, padded by k - 1 - padding. x is only for the platform switch's uniform signature."""
   del x
   kh = kernel.shape[0]
-  flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
-  t = _cpu_winograd(dy, flipped, 1, kh - 1 - padding)
-  if t is not None:
-    return winograd.conv3x3(dy, flipped, kh - 1 - padding, t)
-  return _conv(dy, flipped, 1, kh - 1 - padding)
+  return _conv_cpu(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), 1, kh - 1 - padding)
 
 
 def _conv2d_bwd(stride, padding, residuals, dy):

@@ -73,9 +73,14 @@ def _combine(matrix, arrays):
   return out
 
 
+def output_size(h: int, w: int, padding: int) -> tuple[int, int]:
+  """Output size (Ho, Wo) of a 3x3 stride-1 convolution of an h x w map."""
+  return h + 2 * padding - 2, w + 2 * padding - 2
+
+
 def tile_grid(h: int, w: int, padding: int, t: Transform):
   """Output size (Ho, Wo) of a 3x3 stride-1 convolution and the (Th, Tw) m x m output tiles that cover it."""
-  ho, wo = h + 2 * padding - 2, w + 2 * padding - 2
+  ho, wo = output_size(h, w, padding)
   return ho, wo, -(-ho // t.m), -(-wo // t.m)
 
 
