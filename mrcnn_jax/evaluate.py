@@ -14,7 +14,7 @@ From Python (a notebook, or the trainer after its last step): `metrics = evaluat
 
 Overlap: the batch is sharded over the local devices (variables replicated); batch i + 1 is read, resized and
 dispatched while one host thread waits for batch i, maps it back to original pixels, pastes its masks and RLE-encodes
-them (`Predictor.postprocess`, `predict.to_coco_results`).
+them (`Predictor.postprocess`, `predictor.to_coco_results`).
 
 Output files, each written atomically (temporary file + os.replace):
   coco_instances_results.json   every detection, as Detectron2's COCOEvaluator writes it: one file holding bbox,
@@ -64,7 +64,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mrcnn_jax import atomic
-from mrcnn_jax.predict import Predictor, to_coco_results
+from mrcnn_jax.predictor import Predictor, to_coco_results
 
 log = logging.getLogger(__name__)
 FLAGS = flags.FLAGS
@@ -96,7 +96,7 @@ def run_inference(predictor: Predictor, batches: Iterable[dict], *, category_ids
     predictor: runs the model (`infer_batch`) and maps one image's detections to original pixels (`postprocess`).
     batches: dicts as `data.pipeline.make_eval_batches` yields them: image (B, Hc, Wc, 3) float32, image_info (B, 6)
       float32, image_id (B,) int, valid (B,) bool (slots past the data's end are False and dropped).
-    category_ids, keypoint_offset: passed to `predict.to_coco_results`.
+    category_ids, keypoint_offset: passed to `predictor.to_coco_results`.
     batch_sharding: where image and image_info go before the model runs (e.g. NamedSharding(mesh, P("data"))); None
       leaves them to jit (the default device).
 
@@ -241,7 +241,7 @@ def score_coco(coco_gt, results: Sequence[dict], image_ids: Sequence[int], *, io
   Args:
     coco_gt: the pycocotools COCO ground truth.
     results: COCO result dicts (image_id, category_id, bbox XYWH, score; segmentation for "segm", keypoints for
-      "keypoints"), e.g. from `predict.to_coco_results`. Not modified.
+      "keypoints"), e.g. from `predictor.to_coco_results`. Not modified.
     image_ids: the images scored (COCOeval's params.imgIds): all of the set's, also those without detections.
     iou_types: any of "bbox", "segm", "keypoints".
     max_detections: D, the model's detections per image: bbox and segm use maxDets [1, 10, D] (without values > D).
@@ -431,7 +431,7 @@ def _json_metrics(metrics: dict[str, float]) -> dict:
 
 def default_keypoint_offset(config) -> float:
   """0.5 for Detectron2's conventions (its weights predict keypoints with pixel centres at +0.5), 0 for torchvision's
-  (see `predict.to_coco_results`)."""
+  (see `predictor.to_coco_results`)."""
   return 0.5 if config.input.resize_mode == "detectron2" else 0.0
 
 

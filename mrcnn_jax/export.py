@@ -199,7 +199,7 @@ class ExportedInference:
     batch_size, canvas_hw: the static input sizes.
 
   `infer(variables, images, image_info)` is the same program with the weights as an argument, the signature
-  `predict.Predictor(infer_fn=...)` takes:
+  `predictor.Predictor(infer_fn=...)` takes:
 
     loaded = load_exported(path)
     predictor = Predictor(ml_collections.ConfigDict(loaded.manifest["config"]), loaded.variables,

@@ -79,11 +79,13 @@ def write_predictions_image(config, variables, source, path, *, num_images: int 
   """
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from mrcnn_jax import predict, visualize  # pylint: disable=import-outside-toplevel
+  from mrcnn_jax import predictor as predictor_lib  # pylint: disable=import-outside-toplevel
+  from mrcnn_jax import visualize
+  from mrcnn_jax.data.categories import class_names_for_config  # pylint: disable=import-outside-toplevel
 
   images = [source.load_image(record) for record in source.records[:num_images]]
-  predictor = predict.Predictor(config, variables, batch_size=max(1, min(len(images), int(config.train.batch_size))))
-  names = predict.class_names_for_config(config)
+  predictor = predictor_lib.Predictor(config, variables, batch_size=max(1, min(len(images), int(config.train.batch_size))))
+  names = class_names_for_config(config)
   tiles = []
   for image, result in zip(images, predictor(images)):
     k = max(1, -(-min_side // min(image.shape[:2])))

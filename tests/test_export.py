@@ -13,7 +13,7 @@ import pytest
 from mrcnn_jax import checkpoint, export
 from mrcnn_jax.data import transforms
 from mrcnn_jax.modeling import mask_rcnn
-from mrcnn_jax.predict import Predictor
+from mrcnn_jax.predictor import Predictor
 
 import tiny_model
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mrcnn_jax.data import transforms
-from mrcnn_jax.predict import Predictor, to_coco_results
+from mrcnn_jax.predictor import Predictor, to_coco_results
 
 CANVAS_HW = (96, 96)
 MASK = 28

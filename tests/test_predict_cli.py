@@ -19,7 +19,8 @@ from pycocotools import mask as mask_util
 from mrcnn_jax import checkpoint, config_files
 from mrcnn_jax.data import coco, shapes
 from mrcnn_jax.modeling import mask_rcnn
-from mrcnn_jax.predict import Predictor, class_names_for_config
+from mrcnn_jax.data.categories import class_names_for_config
+from mrcnn_jax.predictor import Predictor
 
 import tiny_model
 

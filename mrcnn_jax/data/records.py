@@ -75,7 +75,7 @@ class CategoryMap:
 
   @property
   def label_to_category_id(self) -> tuple[int, ...]:
-    """Index = label: entry 0 (background) is 0. The `category_ids` argument of `predict.to_coco_results`."""
+    """Index = label: entry 0 (background) is 0. The `category_ids` argument of `predictor.to_coco_results`."""
     return (0,) + self.category_ids
 
   @functools.cached_property

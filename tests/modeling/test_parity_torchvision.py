@@ -173,7 +173,7 @@ def test_predictor_end_to_end_matches_torchvision():
   paste) against torchvision's model called on the same images, in original-image pixels."""
   from conftest import load_config
 
-  from mrcnn_jax.predict import Predictor
+  from mrcnn_jax.predictor import Predictor
 
   torch.manual_seed(0)
   model = torchvision.models.detection.maskrcnn_resnet50_fpn(
