@@ -59,6 +59,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # Loss normalization and mask targets: "detectron2" (RPN losses / (anchors per image x images), binary mask
   # targets) | "torchvision" (RPN losses / sampled anchors, soft mask targets). See modeling/losses.py.
   model.loss_convention = "detectron2"
+  # Each image is computed inside its frame: its resized size rounded up to this (torchvision's and Detectron2's
+  # padding for an FPN backbone), so that its results do not depend on the canvas (mrcnn_jax/ops/frames.py).
+  model.size_divisibility = 32
 
   model.backbone = ml_collections.ConfigDict()
   model.backbone.depth = 50  # 50 | 101 (bottlenecks); 18 | 34 (basic blocks, for small models)
@@ -87,6 +90,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   model.rpn.nms_thresh = 0.7
   model.rpn.min_size = 0.0  # proposals narrower or lower are dropped; 0 keeps the non-empty ones (w > 0, h > 0)
   model.rpn.score_thresh = placeholder(float)  # on sigmoid scores; None: no threshold (Detectron2)
+  # Rank proposals by sigmoid probabilities (torchvision: saturated logits tie) rather than by logits (Detectron2).
+  model.rpn.sigmoid_scores = False
   model.rpn.box_weights = (1.0, 1.0, 1.0, 1.0)
   model.rpn.iou_thresholds = (0.3, 0.7)  # anchor matching: IoU < 0.3 negative, in between ignored, >= 0.7 positive
   model.rpn.iou_labels = (0, -1, 1)
@@ -120,8 +125,11 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
 
   model.pooler = ml_collections.ConfigDict()
   model.pooler.aligned = True  # RoIAlignV2: half-pixel offset
-  model.pooler.sampling_ratio = 0  # 0: adaptive, ceil(RoI size / output size) per bin ...
-  model.pooler.max_sampling_ratio = 8  # ... capped here so the program has a static shape
+  model.pooler.max_level = 5  # RoIs pool from P2..P5 (P6 feeds only the RPN)
+  model.pooler.sampling_ratio = 0  # 0: adaptive, ceil(RoI size / output size) samples per bin and axis ...
+  # ... up to a static bound. None derives it from the canvases: what the largest RoI of the top level needs on the
+  # largest canvas (6 for 7x7 bins, 3 for 14x14 on 1344 px; `mask_rcnn.sampling_bound`); a number overrides it.
+  model.pooler.max_sampling_ratio = placeholder(int)
   model.pooler.canonical_size = 224  # an RoI of sqrt(area) 224 goes to level 4
   model.pooler.canonical_level = 4
   model.pooler.level_convention = "detectron2"  # "detectron2" | "torchvision" (its eps in the level formula)
@@ -155,8 +163,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   inp.max_size_train = 1333  # long side cap
   inp.min_size_test = 800
   inp.max_size_test = 1333
-  inp.canvas_hw = (1344, 1344)  # the fixed padded canvas (static shape), multiple of size_divisibility
-  inp.size_divisibility = 32
+  # The static canvases images are padded to (one compiled program each), multiples of model.size_divisibility.
+  # Each image goes to the smallest that holds it (data/transforms.py, choose_canvas): 4:3 and squarer images
+  # (COCO's most common, 640x480 -> 800x1067) to 800x1088, wider ones to 800x1344, portraits likewise.
+  inp.canvases = ((800, 1088), (1088, 800), (800, 1344), (1344, 800))
   inp.keypoint_flip_map = COCO_KEYPOINT_FLIP_MAP
   inp.max_instances = 100  # G: ground-truth slots per image
   inp.gt_mask_size = 112  # M: each instance's mask cropped to its box, resized to M x M
@@ -225,6 +235,6 @@ def finalize(config: ml_collections.ConfigDict, arg=None) -> ml_collections.Conf
     inp.max_size_train = 512
     inp.min_size_test = 320
     inp.max_size_test = 512
-    inp.canvas_hw = (512, 512)
+    inp.canvases = ((512, 512),)
   config.lock()
   return config

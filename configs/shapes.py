@@ -58,7 +58,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   inp.max_size_train = 128
   inp.min_size_test = 128
   inp.max_size_test = 128
-  inp.canvas_hw = (128, 128)
+  inp.canvases = ((128, 128),)
   inp.max_instances = 8
   inp.gt_mask_size = 56
 

@@ -7,7 +7,8 @@ detections as torchvision itself:
   foreground classes, background logit first, box deltas for all 91 classes;
 - backbone: torchvision ResNet (stride in the 3x3 conv), FrozenBN, layers 2..4 trained (trainable_layers=3);
 - input: RGB in 0..1 normalized by the ImageNet mean and std, resized with F.interpolate, short side 800 only;
-- anchors: rounded base anchors; RPN ranks by sigmoid scores with score_thresh 0.0 and drops boxes under 1e-3;
+- anchors: rounded base anchors, strides frame // grid; RPN ranks by sigmoid scores with score_thresh 0.0 and
+  drops boxes under 1e-3;
 - RoIAlign: not aligned, sampling ratio 2, torchvision's level mapper; detections under 1e-2 dropped;
 - losses: smooth L1 with beta 1/9; 2000 proposals per training image (torchvision's rpn_post_nms_top_n_train);
 - schedule: torchvision's detection recipe (26 epochs, decay at 16 and 22), as iterations.
@@ -55,6 +56,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   model.rpn.post_nms_topk_train = 2000
   model.rpn.min_size = 1e-3
   model.rpn.score_thresh = 0.0
+  model.rpn.sigmoid_scores = True
   model.rpn.smooth_l1_beta = 1.0 / 9.0
   model.roi_heads.min_box_size_test = 1e-2
   model.roi_heads.bbox_reg_background = True
@@ -62,7 +64,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   model.roi_heads.smooth_l1_beta = 1.0 / 9.0
   model.pooler.aligned = False
   model.pooler.sampling_ratio = 2
-  model.pooler.max_sampling_ratio = 2
   model.pooler.level_convention = "torchvision"
   model.mask_head.paste_mode = "torchvision"
 

@@ -8,11 +8,15 @@ r"""The inference program as a serialized `jax.export` artifact (StableHLO), run
 
 An export is a directory, written atomically (a hidden temporary sibling renamed into place):
 
-  EXPORT_DIR/inference.jax_exported   `jax.export.Exported.serialize()` of `build_infer(config)` lowered for a fixed
-                                      batch and canvas: the StableHLO module and its calling convention
-  EXPORT_DIR/weights.npz              the variables, one array per leaf, in the program's argument order
-  EXPORT_DIR/manifest.json            batch, canvas, platforms, input / output / weight names, shapes and dtypes, and
-                                      the config the program was built from
+  EXPORT_DIR/inference_<H>x<W>.jax_exported   `jax.export.Exported.serialize()` of `build_infer(config)` lowered
+                                      for a fixed batch and one canvas of the config (`input.canvases`), one file
+                                      per canvas: the StableHLO module and its calling convention
+  EXPORT_DIR/weights.npz              the variables, one array per leaf, in the programs' argument order
+  EXPORT_DIR/manifest.json            batch, canvases, platforms, input / output / weight names, shapes and dtypes,
+                                      and the config the programs were built from
+
+A loaded export runs the program of the canvas its images are padded to (`data.transforms.choose_canvas`); every
+canvas gives the same detections for an image that fits it (`ops.frames`).
 
 The weights are program arguments, not constants closed over in the program: constants are inlined into the StableHLO
 module as dense literals, so the serialized module would grow by the model's size (177 MB for R50-FPN in float32) up
@@ -46,7 +50,7 @@ import numpy as np
 from jax import export as jax_export
 
 FORMAT_VERSION = 1
-ARTIFACT_FILE = "inference.jax_exported"
+ARTIFACT_PATTERN = "inference_{}x{}.jax_exported"
 WEIGHTS_FILE = "weights.npz"
 MANIFEST_FILE = "manifest.json"
 INPUT_NAMES = ("images", "image_info")
@@ -111,10 +115,10 @@ def _commit(tmp: pathlib.Path, path: pathlib.Path, overwrite: bool) -> None:
 
 def export_inference(config, variables: Mapping, path, *, batch_size: int, platforms: Sequence[str] = ("cpu",),
                      overwrite: bool = False) -> pathlib.Path:
-  """Lower `build_infer(config)` for a fixed batch and the config's canvas, and write it with its weights.
+  """Lower `build_infer(config)` for a fixed batch and each of the config's canvases, and write them with the weights.
 
   Args:
-    config: the whole ml_collections ConfigDict (`model` builds the program; `input.canvas_hw` fixes the canvas; all
+    config: the whole ml_collections ConfigDict (`model` builds the program; `input.canvases` are the canvases; all
       of it is stored in the manifest, so that a Predictor can be built from the export alone).
     variables: the model's variables, {"params": ..., "batch_stats": ...} (numpy or jax arrays).
     path: the export directory to create (see the module docstring for its files).
@@ -138,7 +142,9 @@ def export_inference(config, variables: Mapping, path, *, batch_size: int, platf
   if int(batch_size) < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   batch_size = int(batch_size)
-  canvas_h, canvas_w = (int(s) for s in config.input.canvas_hw)
+  from mrcnn_jax.data import transforms  # pylint: disable=import-outside-toplevel
+
+  canvas_list = transforms.canvases(config.input)
 
   leaves, treedef = jax.tree_util.tree_flatten_with_path(dict(variables))
   names = [_leaf_name(p) for p, _ in leaves]
@@ -146,11 +152,16 @@ def export_inference(config, variables: Mapping, path, *, batch_size: int, platf
     raise ValueError("export_inference: two variables flatten to the same name")
   weights = [np.asarray(jax.device_get(x)) for _, x in leaves]
   variable_specs = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights])
-  input_specs = (jax.ShapeDtypeStruct((batch_size, canvas_h, canvas_w, 3), np.float32),
-                 jax.ShapeDtypeStruct((batch_size, IMAGE_INFO_SIZE), np.float32))
-
-  exported = jax_export.export(mask_rcnn.build_infer(config), platforms=platforms)(variable_specs, *input_specs)
-  serialized = exported.serialize()
+  infer = mask_rcnn.build_infer(config)
+  serialized, inputs = {}, {}
+  for canvas_h, canvas_w in canvas_list:
+    input_specs = (jax.ShapeDtypeStruct((batch_size, canvas_h, canvas_w, 3), np.float32),
+                   jax.ShapeDtypeStruct((batch_size, IMAGE_INFO_SIZE), np.float32))
+    exported = jax_export.export(infer, platforms=platforms)(variable_specs, *input_specs)
+    key = ARTIFACT_PATTERN.format(canvas_h, canvas_w)
+    serialized[key] = exported.serialize()
+    inputs[key] = [{"name": name, **_shape_dtype(spec)} for name, spec in zip(INPUT_NAMES, input_specs)]
+  # The outputs' shapes do not depend on the canvas (fixed detection counts).
   outputs = jax.tree.unflatten(exported.out_tree, [_shape_dtype(a) for a in exported.out_avals])
   manifest = {
       "format_version": FORMAT_VERSION,
@@ -158,10 +169,10 @@ def export_inference(config, variables: Mapping, path, *, batch_size: int, platf
       "platforms": list(exported.platforms),
       "calling_convention_version": exported.calling_convention_version,
       "batch_size": batch_size,
-      "canvas_hw": [canvas_h, canvas_w],
-      "artifact": ARTIFACT_FILE,
+      "canvases": [list(hw) for hw in canvas_list],
+      "artifacts": {f"{h}x{w}": ARTIFACT_PATTERN.format(h, w) for h, w in canvas_list},
       "weights_file": WEIGHTS_FILE,
-      "inputs": [{"name": name, **_shape_dtype(spec)} for name, spec in zip(INPUT_NAMES, input_specs)],
+      "inputs": inputs,
       "outputs": {name: outputs[name] for name in sorted(outputs)},
       "weights": [{"name": n, "shape": list(w.shape), "dtype": str(w.dtype)} for n, w in zip(names, weights)],
       "config": _config_dict(config),
@@ -172,7 +183,8 @@ def export_inference(config, variables: Mapping, path, *, batch_size: int, platf
   tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
   tmp.mkdir()
   try:
-    (tmp / ARTIFACT_FILE).write_bytes(serialized)
+    for name, data in serialized.items():
+      (tmp / name).write_bytes(data)
     # Zip members named by index: names hold "/" and would read as folders to a zip tool; the manifest maps them.
     np.savez(tmp / WEIGHTS_FILE, **{f"{i:05d}": _storable(w) for i, w in enumerate(weights)})
     (tmp / MANIFEST_FILE).write_text(manifest_text)  # last: its presence marks a complete export
@@ -194,9 +206,10 @@ class ExportedInference:
   Attributes:
     manifest: the parsed manifest.json; `manifest["config"]` is the config as a plain dict (wrap it in
       `ml_collections.ConfigDict` for a Predictor).
-    exported: the deserialized `jax.export.Exported`.
-    variables: the weights, a list of arrays on the default device, in the program's argument order.
-    batch_size, canvas_hw: the static input sizes.
+    exported: {(canvas_h, canvas_w): the deserialized `jax.export.Exported` of that canvas}.
+    variables: the weights, a list of arrays on the default device, in the programs' argument order.
+    batch_size, canvases: the static input sizes: the batch, and the (H, W) canvases there is a program for.
+    platforms: the platforms the programs were lowered for.
 
   `infer(variables, images, image_info)` is the same program with the weights as an argument, the signature
   `predictor.Predictor(infer_fn=...)` takes:
@@ -206,27 +219,39 @@ class ExportedInference:
                           infer_fn=loaded.infer, batch_size=loaded.batch_size)
   """
 
-  def __init__(self, manifest: dict, exported, weights: list):
+  def __init__(self, manifest: dict, exported: dict, weights: list):
     self.manifest = manifest
     self.exported = exported
     self.batch_size = int(manifest["batch_size"])
-    self.canvas_hw = tuple(int(s) for s in manifest["canvas_hw"])
+    self.canvases = list(exported)
+    self.platforms = next(iter(exported.values())).platforms
     self.variables = [jax.device_put(w) for w in weights]  # once: every call reuses them on the device
     self._call = jax.jit(self.infer)
 
+  def _program(self, images):
+    hw = tuple(int(s) for s in np.shape(images)[1:3])
+    if hw not in self.exported:
+      listed = ", ".join(f"{h}x{w}" for h, w in self.canvases)
+      raise ValueError(f"images of canvas {hw[0]}x{hw[1]}: the export has programs for {listed} only")
+    return self.exported[hw]
+
   def infer(self, variables, images, image_info) -> dict:
-    """The exported program on explicit weights (a list as `self.variables`); traceable and jittable."""
-    args, kwargs = jax.tree.unflatten(self.exported.in_tree, [*variables, images, image_info])
-    return self.exported.call(*args, **kwargs)
+    """The exported program of the images' canvas on explicit weights (a list as `self.variables`); traceable and
+    jittable."""
+    program = self._program(images)
+    args, kwargs = jax.tree.unflatten(program.in_tree, [*variables, images, image_info])
+    return program.call(*args, **kwargs)
 
   def __call__(self, images, image_info) -> dict:
-    """images (B, H, W, 3) float32 normalized and padded to the canvas, image_info (B, 6) float32 (see
+    """images (B, H, W, 3) float32 normalized and padded to one of the canvases, image_info (B, 6) float32 (see
     `data.transforms.preprocess`) -> the program's dict of fixed-size arrays (boxes (B, D, 4) XYXY canvas pixels,
     scores (B, D), classes (B, D), valid (B, D), masks (B, D, 28, 28), keypoints (B, D, 17, 3), ...)."""
-    b, (h, w) = self.batch_size, self.canvas_hw
+    b = self.batch_size
+    self._program(images)
+    h, w = np.shape(images)[1:3]
     for name, value, shape in (("images", images, (b, h, w, 3)), ("image_info", image_info, (b, IMAGE_INFO_SIZE))):
       if tuple(np.shape(value)) != shape:
-        raise ValueError(f"{name} must have shape {shape} (the export's batch and canvas), got {np.shape(value)}")
+        raise ValueError(f"{name} must have shape {shape} (the export's batch), got {np.shape(value)}")
     # Cast only what is not float32 already, so that arrays on a device are not pulled back to the host.
     images, image_info = (x if getattr(x, "dtype", None) == np.float32 else np.asarray(x, np.float32)
                           for x in (images, image_info))
@@ -246,7 +271,11 @@ def load_exported(path) -> ExportedInference:
   manifest = json.loads(manifest_file.read_text())
   if manifest.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"{manifest_file}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}")
-  exported = jax_export.deserialize(bytearray((path / manifest["artifact"]).read_bytes()))
+  exported = {}
+  for name in manifest["artifacts"].values():
+    program = jax_export.deserialize(bytearray((path / name).read_bytes()))
+    exported[tuple(int(s) for s in program.in_avals[-2].shape[1:3])] = program
+  first = next(iter(exported.values()))
 
   specs = manifest["weights"]
   weights = []
@@ -262,10 +291,10 @@ def load_exported(path) -> ExportedInference:
       if list(array.shape) != spec["shape"]:
         raise ValueError(f"weight {spec['name']} has shape {list(array.shape)}, the manifest says {spec['shape']}")
       weights.append(array)
-  if exported.in_tree.num_leaves != len(weights) + len(INPUT_NAMES):
-    raise ValueError(f"{path}: the program takes {exported.in_tree.num_leaves - len(INPUT_NAMES)} weights, "
+  if first.in_tree.num_leaves != len(weights) + len(INPUT_NAMES):
+    raise ValueError(f"{path}: the program takes {first.in_tree.num_leaves - len(INPUT_NAMES)} weights, "
                      f"the export holds {len(weights)}")
-  for aval, weight, spec in zip(exported.in_avals, weights, specs):
+  for aval, weight, spec in zip(first.in_avals, weights, specs):
     if tuple(aval.shape) != weight.shape or np.dtype(aval.dtype) != weight.dtype:
       raise ValueError(f"weight {spec['name']}: {weight.dtype}{list(weight.shape)} does not match the program's "
                        f"{np.dtype(aval.dtype)}{list(aval.shape)}")
@@ -302,8 +331,8 @@ def main(argv):
   variables, _ = checkpoint.load_inference(f.checkpoint)
   path = export_inference(f.config, variables, f.out, batch_size=f.batch_size, platforms=f.platforms,
                           overwrite=f.overwrite)
-  logging.info("exported to %s (batch %d, canvas %s, platforms %s)", path, f.batch_size,
-               tuple(f.config.input.canvas_hw), ",".join(f.platforms))
+  logging.info("exported to %s (batch %d, canvases %s, platforms %s)", path, f.batch_size,
+               [tuple(hw) for hw in f.config.input.canvases], ",".join(f.platforms))
 
 
 if __name__ == "__main__":

@@ -27,15 +27,13 @@ def _check_image_files(paths: Sequence[str], input_cfg) -> list[tuple[int, int]]
   runs; returns their (height, width)."""
   from mrcnn_jax.data import coco  # pylint: disable=import-outside-toplevel
 
-  canvas_hw = tuple(int(s) for s in input_cfg.canvas_hw)
   sizes = []
   for path in paths:
     height, width = coco.read_image(path).shape[:2]
-    resized = transforms.output_size(height, width, input_cfg.min_size_test, input_cfg.max_size_test,
-                                     input_cfg.resize_mode)
-    if resized[0] > canvas_hw[0] or resized[1] > canvas_hw[1]:
-      raise ValueError(f"image file {path}: {height}x{width} resizes to {resized[0]}x{resized[1]}, which does not "
-                       f"fit the canvas {canvas_hw[0]}x{canvas_hw[1]}")
+    try:
+      transforms.eval_canvas(height, width, input_cfg)
+    except ValueError as e:
+      raise ValueError(f"image file {path} ({height}x{width}): {e}") from None
     sizes.append((height, width))
   return sizes
 

@@ -1,8 +1,10 @@
 """The Predictor: RGB images of any size in, detections in original-image pixels out; and COCO result dicts.
 
 Where the work happens:
-  host    check the images, resize / normalize / pad each to the config's fixed canvas (`data.transforms`), batch;
-  device  one jitted `infer` program on (B, canvas_h, canvas_w, 3) that returns fixed-size detections;
+  host    check the images, resize / normalize / pad each to the smallest of the config's canvases that holds it
+          (`data.transforms`), batch the images of each canvas;
+  device  one jitted `infer` program per canvas on (B, canvas_h, canvas_w, 3), compiled the first time that canvas
+          is used, that returns fixed-size detections;
   host    drop invalid slots, map boxes and keypoints back to the original image, paste the 28 x 28 mask
           probabilities into full-image masks (a jitted `ops.masks.paste_masks` on the CPU device).
 
@@ -47,7 +49,7 @@ class Predictor:
   Args:
     config: ml_collections ConfigDict with
       `input`: pixel_format, pixel_scale, pixel_mean, pixel_std, resize_mode, min_size_test, max_size_test,
-        canvas_hw (see `data.transforms.preprocess`);
+        canvases (see `data.transforms.preprocess`);
       `model`: mask_head.enabled, mask_head.paste_mode ("detectron2" | "torchvision"), mask_head.mask_threshold,
         keypoint_head.enabled, label_space (kept as `self.label_space`: "coco_ids" when the labels are COCO
         category ids, as torchvision's 91-id space; "contiguous" for labels 1..K that map to category ids through
@@ -58,9 +60,10 @@ class Predictor:
         boxes (B, D, 4) XYXY in canvas (resized-image) pixels, scores (B, D), classes (B, D) int labels 1..K,
         valid (B, D) bool, masks (B, D, M, M) mask probabilities of the predicted class (when the mask head is
         on), keypoints (B, D, 17, 3) (x, y, score) in canvas pixels (when the keypoint head is on).
-      Defaults to `mrcnn_jax.modeling.mask_rcnn.build_infer(config)`. It is jitted once here; the batch and the
-      canvas never change shape, so it compiles once.
-    batch_size: images per `infer_fn` call; the last batch is padded with blank images whose results are dropped.
+      Defaults to `mrcnn_jax.modeling.mask_rcnn.build_infer(config)`. It is jitted once here and compiles once per
+      canvas (the batch size never changes).
+    batch_size: images per `infer_fn` call; images are batched with others of the same canvas, and each canvas's
+      last batch is padded with blank images whose results are dropped.
   """
 
   def __init__(self, config, variables, *, infer_fn=None, batch_size: int = 1):
@@ -69,7 +72,7 @@ class Predictor:
     self.config = config
     self.input_cfg = config.input
     self.batch_size = int(batch_size)
-    self.canvas_hw = tuple(int(s) for s in config.input.canvas_hw)
+    self.canvases = transforms.canvases(config.input)
     if config.input.resize_mode not in transforms.RESIZE_MODES:
       raise ValueError(f"config.input.resize_mode must be one of {transforms.RESIZE_MODES}, "
                        f"got {config.input.resize_mode!r}")
@@ -110,15 +113,19 @@ class Predictor:
       raise TypeError("images must be a list of (H, W, 3) arrays (wrap a single image in a list), "
                       f"got {type(images).__name__}")
     checked = [self._check(image, i) for i, image in enumerate(images)]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (image, canvas_hw) in enumerate(checked):
+      groups.setdefault(canvas_hw, []).append(i)
 
-    results = []
-    for start in range(0, len(checked), self.batch_size):
-      canvases, infos = zip(*(transforms.preprocess(image, self.input_cfg)
-                              for image in checked[start:start + self.batch_size]))
-      batch, batch_info = self._pad_batch(canvases, infos)
-      out = jax.device_get(self.infer_batch(batch, batch_info))
-      for j, info in enumerate(infos):
-        results.append(self.postprocess({k: np.asarray(v[j]) for k, v in out.items()}, info))
+    results: list[dict | None] = [None] * len(checked)
+    for canvas_hw, members in groups.items():
+      for start in range(0, len(members), self.batch_size):
+        chunk = members[start:start + self.batch_size]
+        padded, infos = zip(*(transforms.preprocess(checked[i][0], self.input_cfg, canvas_hw) for i in chunk))
+        batch, batch_info = self._pad_batch(padded, infos, canvas_hw)
+        out = jax.device_get(self.infer_batch(batch, batch_info))
+        for j, (i, info) in enumerate(zip(chunk, infos)):
+          results[i] = self.postprocess({k: np.asarray(v[j]) for k, v in out.items()}, info)
     return results
 
   def infer_batch(self, images, image_info) -> dict:
@@ -138,21 +145,16 @@ class Predictor:
       raise ValueError(f"infer_fn returned no {missing}; it returned {sorted(out)}")
     return {k: out[k] for k in self._expected_keys()}
 
-  def _check(self, image, index: int) -> np.ndarray:
-    """Validate image `index` (dtype, shape, values, and that its resized size fits the canvas), so that a bad
-    image fails before any batch runs. Returns it as uint8 or float32."""
+  def _check(self, image, index: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Validate image `index` (dtype, shape, values, and that its resized size fits a canvas), so that a bad
+    image fails before any batch runs. Returns it as uint8 or float32, and its canvas."""
     name = f"image {index}"
     image = transforms.check_image(image, name=name)
-    cfg = self.input_cfg
     try:
-      resized = transforms.output_size(*image.shape[:2], cfg.min_size_test, cfg.max_size_test, cfg.resize_mode)
+      canvas_hw = transforms.eval_canvas(*image.shape[:2], self.input_cfg)
     except ValueError as e:
-      raise ValueError(f"{name}: {e}") from e
-    if resized[0] > self.canvas_hw[0] or resized[1] > self.canvas_hw[1]:
-      raise ValueError(f"{name}: image of size {image.shape[0]}x{image.shape[1]} resizes to "
-                       f"{resized[0]}x{resized[1]}, which does not fit the canvas "
-                       f"{self.canvas_hw[0]}x{self.canvas_hw[1]}")
-    return image
+      raise ValueError(f"{name} ({image.shape[0]}x{image.shape[1]}): {e}") from e
+    return image, canvas_hw
 
   def _expected_keys(self) -> tuple[str, ...]:
     keys = _REQUIRED_KEYS
@@ -162,8 +164,8 @@ class Predictor:
       keys += ("keypoints",)
     return keys
 
-  def _pad_batch(self, canvases, infos):
-    """Stack a (possibly short) batch and pad it to batch_size.
+  def _pad_batch(self, canvases, infos, canvas_hw):
+    """Stack a (possibly short) batch of one canvas and pad it to batch_size.
 
     Returns images (batch_size, canvas_h, canvas_w, 3) float32 and image_info (batch_size, 6) float32. Padding
     images are zeros described as a full-canvas image at scale 1, so the model sees a well-formed (blank) image
@@ -173,7 +175,7 @@ class Predictor:
     images = np.stack(canvases)
     info = np.stack(infos)
     if pad:
-      canvas_h, canvas_w = self.canvas_hw
+      canvas_h, canvas_w = canvas_hw
       blank_info = np.array([canvas_h, canvas_w, 1.0, 1.0, canvas_h, canvas_w], np.float32)
       images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], np.float32)])
       info = np.concatenate([info, np.tile(blank_info, (pad, 1))])

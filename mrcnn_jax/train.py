@@ -456,8 +456,8 @@ def train(config, workdir, *, source=None, stop_after: int | None = None, evalua
                                       num_workers=tc.num_workers)
   data_iter = iter(loader)
   # --- model, optimizer, restore ---------------------------------------------------------------------------------
-  model = MaskRCNN(config.model, train=True)
-  state = create_train_state(config, jax.random.key(tc.seed), tuple(config.input.canvas_hw))
+  model = mask_rcnn.build_model(config, train=True)
+  state = create_train_state(config, jax.random.key(tc.seed))
   replicated = NamedSharding(mesh, P())
   state = jax.device_put(state, replicated)
   ckpt = checkpoint.TrainCheckpointer(workdir, keep=tc.keep_checkpoints, save_interval_steps=tc.checkpoint_every)

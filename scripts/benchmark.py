@@ -11,15 +11,18 @@ Groups:
   ops    RoIAlign (features 1x200x336x256, 1,000 boxes, 7x7, sampling_ratio 2, aligned False/True, forward and
          forward+backward), NMS on 4,000 boxes, paste of 100 28x28 masks into 800x1333.
          On a GPU it also times the Pallas RoIAlign kernel against the XLA path.
-  model  R50-FPN Mask R-CNN inference on 800x1333 images (batch 1 and 2; torchvision's transform pads them to
-         800x1344): torchvision's maskrcnn_resnet50_fpn with random weights spread so that it returns 100
-         detections per image (the mask head works on all of them), converted with convert_state_dict and run as
-         configs/torchvision_maskrcnn_r50_fpn.py. Timed on both sides: the model on the padded batch, without
-         transform and postprocess (torchvision: backbone + rpn + roi_heads on the ImageList; mrcnn_jax: the jitted
-         `build_infer` on the same tensor, NHWC). Each side runs in its own subprocess, so that its peak RSS (in the
-         note) is its own. At batch 1 it also times the stages apart (each jitted alone on our side): backbone+FPN,
-         RPN head + proposals, box head + detection, mask head (RoIAlign 14x14 included).
-         Default --repeats here is 5.
+  model  R50-FPN Mask R-CNN and Keypoint R-CNN inference, each side on its own defaults, on a 640x480 image (COCO's
+         most common size; torchvision resizes it to 800x1066 and pads to 800x1088) and an 800x1333 one, batch 1 and
+         2: torchvision's maskrcnn_resnet50_fpn / keypointrcnn_resnet50_fpn (score threshold 0 for the keypoint
+         model) with random weights spread so that they return 100 detections per image (the mask and keypoint
+         heads work on all of them), converted with convert_state_dict and run with the shipped
+         configs/torchvision_maskrcnn_r50_fpn.py / torchvision_keypointrcnn_r50_fpn.py (score threshold 0 for the
+         keypoints too), on the canvas each picks (noted per row). Timed on both sides: the model on the padded
+         batch, without transform and postprocess (torchvision: backbone + rpn + roi_heads, keypoint decoding
+         included; mrcnn_jax: the jitted `build_infer`, NHWC). Each side runs in its own subprocess, so that its peak
+         RSS (in the note) is its own. At batch 1 it also times Mask R-CNN's stages apart (each jitted alone on our
+         side): backbone+FPN, RPN head + proposals, box head + detection, mask head (RoIAlign 14x14 included).
+         Default --repeats here is 5; --models, --images and --batches narrow the run.
   data   The training loader (grain, 2 workers): batches/s on COCO-like input (synthetic 640x480 images resized to
          800x1333 on the 1344x1344 canvas, batch 2) and on the shapes set (128x128, batch 8), and the per-image cost
          of decode, resize and the whole train_example (resize, flip, normalize, pad, mask crops). No torch side.
@@ -213,8 +216,12 @@ def run_ops(args) -> list[Row]:
 # model
 # ------------------------------------------------------------------------------------------------------------------
 
-MODEL_CONFIG = REPO / "configs" / "torchvision_maskrcnn_r50_fpn.py"
-IMAGE_HW = (800, 1333)
+# The shipped torchvision configs, unchanged (loaded by path, as the entry points load them), against torchvision's
+# models at their defaults (min_size 800, max_size 1333).
+MODEL_CONFIGS = {"mask": REPO / "configs" / "torchvision_maskrcnn_r50_fpn.py",
+                 "keypoint": REPO / "configs" / "torchvision_keypointrcnn_r50_fpn.py"}
+# Image sizes (H, W): COCO's most common 640x480, and a full-size 800x1333.
+MODEL_IMAGES = {"640x480": (480, 640), "1333x800": (800, 1333)}
 STAGES = ("backbone+FPN", "RPN head + proposals", "box head + detect", "mask head")
 
 
@@ -222,13 +229,22 @@ def _peak_rss_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
 
 
+def _torchvision_model(kind, torch, torchvision):
+  """torchvision's model at its defaults; the keypoint model keeps every box (score threshold 0), so that it returns
+  100 detections as the benchmark's mrcnn_jax side does."""
+  if kind == "mask":
+    return torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
+  return torchvision.models.detection.keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None,
+                                                                box_score_thresh=0.0).eval()
+
+
 def _spread_weights(model, seed, torch, torchvision) -> None:
   """Random FrozenBN statistics, classifier weights spread (as in the parity test) so that the random model returns
-  detections: at 800x1333 it returns the full 100 per image, so both mask heads work on 100 boxes."""
+  detections: it returns the full 100 per image, so both mask (keypoint) heads work on 100 boxes."""
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for mod in model.modules():
-      if isinstance(mod, torchvision.ops.misc.FrozenBatchNorm2d):
+      if isinstance(mod, (torch.nn.BatchNorm2d, torchvision.ops.misc.FrozenBatchNorm2d)):
         c = mod.weight.shape[0]
         mod.weight.copy_(torch.rand(c, generator=g) * 0.5 + 0.5)
         mod.bias.copy_(torch.randn(c, generator=g) * 0.1)
@@ -240,35 +256,36 @@ def _spread_weights(model, seed, torch, torchvision) -> None:
     predictor.cls_score.bias.copy_(torch.randn(predictor.cls_score.bias.shape, generator=g))
 
 
-def _prepare_model_data(data_dir: pathlib.Path, batch: int) -> None:
-  """Weights (state_dict.npz) and torchvision's transformed batch (inputs.npz), shared by the two workers."""
+def _prepare_model_data(data_dir: pathlib.Path, kind: str, image_hw, batch: int) -> None:
+  """Weights (state_dict.npz, once per kind) and the batch's images (images.npz, H x W x 3 float in [0, 1]), shared
+  by the two workers."""
   import torch
   import torchvision
 
-  torch.manual_seed(0)
-  model = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
-  _spread_weights(model, 1, torch, torchvision)
-  np.savez(data_dir / "state_dict.npz", **{k: v.numpy() for k, v in model.state_dict().items()})
+  weights = data_dir / f"{kind}_state_dict.npz"
+  if not weights.exists():
+    torch.manual_seed(0)
+    model = _torchvision_model(kind, torch, torchvision)
+    _spread_weights(model, 1, torch, torchvision)
+    np.savez(weights, **{k: v.numpy() for k, v in model.state_dict().items()})
   rng = np.random.default_rng(0)
-  images = [torch.tensor(rng.random((3,) + IMAGE_HW, np.float32)) for _ in range(batch)]
-  with torch.no_grad():
-    image_list, _ = model.transform(images)
-  np.savez(data_dir / "inputs.npz", images=image_list.tensors.numpy(), sizes=np.array(image_list.image_sizes))
+  np.save(data_dir / "images.npy", rng.random((batch,) + tuple(image_hw) + (3,), np.float32))
 
 
-def _worker_torch(data_dir: pathlib.Path, batch: int, repeats: int, stages: bool) -> dict:
+def _worker_torch(data_dir: pathlib.Path, kind: str, batch: int, repeats: int, stages: bool) -> dict:
+  """torchvision's model on its own transformed (resized, normalized, padded) batch: backbone + rpn + roi_heads
+  (keypoint decoding included; the transform and the mask paste of postprocess excluded, as on our side)."""
   import torch
   import torchvision
-  from torchvision.models.detection.image_list import ImageList
   from torchvision.models.detection.roi_heads import maskrcnn_inference
 
   torch.set_num_threads(os.cpu_count() or 1)
-  model = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
-  with np.load(data_dir / "state_dict.npz") as sd:
+  model = _torchvision_model(kind, torch, torchvision)
+  with np.load(data_dir / f"{kind}_state_dict.npz") as sd:
     model.load_state_dict({k: torch.from_numpy(sd[k]) for k in sd.files})
-  with np.load(data_dir / "inputs.npz") as inputs:
-    image_list = ImageList(torch.from_numpy(inputs["images"][:batch]).contiguous(),
-                           [tuple(int(v) for v in hw) for hw in inputs["sizes"][:batch]])
+  images = [torch.from_numpy(x).permute(2, 0, 1) for x in np.load(data_dir / "images.npy")[:batch]]
+  with torch.no_grad():
+    image_list, _ = model.transform(images)
   sizes = image_list.image_sizes
 
   @torch.no_grad()
@@ -280,9 +297,10 @@ def _worker_torch(data_dir: pathlib.Path, batch: int, repeats: int, stages: bool
 
   ms = time_torch(forward, repeats)
   detections = forward()
-  result = {"ms": ms, "peak_rss_gb": _peak_rss_gb(), "detections": [len(d["boxes"]) for d in detections]}
-  np.savez(data_dir / f"boxes_torch_b{batch}.npz", *[d["boxes"].numpy() for d in detections])
-  if stages:
+  result = {"ms": ms, "peak_rss_gb": _peak_rss_gb(), "detections": [len(d["boxes"]) for d in detections],
+            "padded_hw": list(image_list.tensors.shape[2:])}
+  np.savez(data_dir / "boxes_torch.npz", *[d["boxes"].numpy() for d in detections])
+  if stages and kind == "mask":
     rh = model.roi_heads
 
     @torch.no_grad()
@@ -307,49 +325,56 @@ def _worker_torch(data_dir: pathlib.Path, batch: int, repeats: int, stages: bool
   return result
 
 
-def _worker_jax(data_dir: pathlib.Path, batch: int, repeats: int, stages: bool) -> dict:
+def _worker_jax(data_dir: pathlib.Path, kind: str, batch: int, repeats: int, stages: bool) -> dict:
+  """mrcnn_jax with the shipped config: the jitted `build_infer` on the batch as the Predictor prepares it (resized,
+  normalized and padded to the smallest canvas of the config that holds the images)."""
   from mrcnn_jax import config_files
   from mrcnn_jax.convert import torchvision as tv_convert
+  from mrcnn_jax.data import transforms
   from mrcnn_jax.modeling import mask_rcnn
   from mrcnn_jax.modeling.box_head import detect
   from mrcnn_jax.modeling.mask_head import select_class_masks
 
-  config = config_files.load_config(str(MODEL_CONFIG))  # by path, as the entry points load it
-  state_dict = tv_convert.load_state_dict_file(data_dir / "state_dict.npz")
+  config = config_files.load_config(str(MODEL_CONFIGS[kind]))
+  if kind == "keypoint":
+    config.model.roi_heads.score_thresh_test = 0.0  # 100 detections, as torchvision's side
+  state_dict = tv_convert.load_state_dict_file(data_dir / f"{kind}_state_dict.npz")
   variables = jax.device_put(tv_convert.convert_state_dict(state_dict))
   del state_dict
-  with np.load(data_dir / "inputs.npz") as inputs:
-    images = jnp.asarray(np.ascontiguousarray(inputs["images"][:batch].transpose(0, 2, 3, 1)))
-    info = jnp.asarray(np.array([[h, w, 1, 1, h, w] for h, w in inputs["sizes"][:batch]], np.float32))
+  prepared = [transforms.preprocess(x, config.input) for x in np.load(data_dir / "images.npy")[:batch]]
+  images = jnp.asarray(np.stack([c for c, _ in prepared]))
+  info = jnp.asarray(np.stack([i for _, i in prepared]))
 
   infer = mask_rcnn.build_infer(config)
   ms, compile_s = time_jax(infer, (variables, images, info), repeats)
   out = jax.device_get(infer(variables, images, info))
   result = {"ms": ms, "compile_s": compile_s, "peak_rss_gb": _peak_rss_gb(),
-            "detections": [int(v.sum()) for v in out["valid"]]}
-  np.savez(data_dir / f"boxes_jax_b{batch}.npz", *[b[v] for b, v in zip(out["boxes"], out["valid"])])
-  if stages:
-    model = mask_rcnn.MaskRCNN(config.model)
+            "detections": [int(v.sum()) for v in out["valid"]], "canvas_hw": list(images.shape[1:3])}
+  # Boxes in the resized image's pixels, as torchvision's roi_heads returns them.
+  np.savez(data_dir / "boxes_jax.npz", *[b[v] for b, v in zip(out["boxes"], out["valid"])])
+  if stages and kind == "mask":
+    model = mask_rcnn.build_model(config)
     cfg = config.model
     canvas_hw = tuple(images.shape[1:3])
 
     # The pieces of MaskRCNN.infer, each run through model.apply on its own (the library is not changed).
-    def features(module, images):
-      return module.features(images)
+    def features(module, images, info):
+      return module.features(images, module.frames(info))
 
     def proposals(module, feats, info):
-      boxes, _, valid = module.proposals(feats, info[:, :2], canvas_hw)
+      boxes, _, valid = module.proposals(feats, info[:, :2], canvas_hw, module.frames(info))
       return boxes, valid
 
     def box_head(module, feats, boxes, valid, info):
-      logits, deltas = module.box_head(module.pool(feats, boxes, cfg.pooler.box_resolution))
+      logits, deltas = module.box_head(module.pool(feats, boxes, cfg.pooler.box_resolution, module.frames(info)))
       rh = cfg.roi_heads
       return detect(logits, deltas, boxes, valid, info[:, :2], score_thresh=rh.score_thresh_test,
                     nms_thresh=rh.nms_thresh_test, detections_per_image=rh.detections_per_image,
                     min_box_size=rh.min_box_size_test, box_weights=tuple(rh.box_weights))
 
-    def mask_head(module, feats, boxes, classes):
-      return select_class_masks(module.mask_head(module.pool(feats, boxes, cfg.pooler.mask_resolution)), classes)
+    def mask_head(module, feats, boxes, classes, info):
+      pooled = module.pool(feats, boxes, cfg.pooler.mask_resolution, module.frames(info))
+      return select_class_masks(module.mask_head(pooled), classes)
 
     # Each stage is timed (compile first) before it is called for the next stage's inputs: a call before
     # lower().compile() would leave the executable in JAX's cache and hide the compile time.
@@ -360,17 +385,17 @@ def _worker_jax(data_dir: pathlib.Path, batch: int, repeats: int, stages: bool) 
       result["stages"][name] = list(time_jax(jitted, (variables,) + args, repeats))
       return jitted(variables, *args)
 
-    feats = run(STAGES[0], features, images)
+    feats = run(STAGES[0], features, images, info)
     boxes, valid = run(STAGES[1], proposals, feats, info)
     det = run(STAGES[2], box_head, feats, boxes, valid, info)
-    run(STAGES[3], mask_head, feats, det["boxes"], det["classes"])
+    run(STAGES[3], mask_head, feats, det["boxes"], det["classes"], info)
   return result
 
 
-def _matched(data_dir: pathlib.Path, batch: int) -> tuple[int, int]:
+def _matched(data_dir: pathlib.Path) -> tuple[int, int]:
   """(our detections whose box has IoU > 0.99 with one of torchvision's, our detections), over the batch."""
   hits = total = 0
-  with np.load(data_dir / f"boxes_jax_b{batch}.npz") as ours, np.load(data_dir / f"boxes_torch_b{batch}.npz") as tv:
+  with np.load(data_dir / "boxes_jax.npz") as ours, np.load(data_dir / "boxes_torch.npz") as tv:
     for key in ours.files:
       a, b = ours[key], tv[key]
       total += len(a)
@@ -390,39 +415,48 @@ def run_model_worker(args) -> dict:
     worker = _train_worker_jax if args.only == "jax" else _train_worker_torch
     return worker(args.batch, args.repeats, args.dtype) if args.only == "jax" else worker(args.batch, args.repeats)
   worker = _worker_jax if args.only == "jax" else _worker_torch
-  return worker(args.data, args.batch, args.repeats, args.stages)
+  return worker(args.data, args.kind, args.batch, args.repeats, args.stages)
 
 
 def run_model(args) -> list[Row]:
+  """Each model, image size and batch: torchvision's side and ours in their own subprocesses (peak RSS)."""
   rows = []
-  with tempfile.TemporaryDirectory(prefix="mrcnn_jax_benchmark_") as tmp:
-    data_dir = pathlib.Path(tmp)
-    _prepare_model_data(data_dir, max(args.batches))
-    for batch in args.batches:
-      res = {}
-      for side in ("torch", "jax"):
-        cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "model", "--only", side, "--data", tmp,
-               "--batch", str(batch), "--repeats", str(args.repeats), "--host_malloc", args.host_malloc]
-        cmd += ["--stages"] if batch == 1 else []
-        start, load = time.perf_counter(), os.getloadavg()[0]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, cwd=REPO)
-        res[side] = json.loads(proc.stdout.strip().splitlines()[-1])
-        # Other processes on the machine skew the figures: the load average says whether they were there.
-        print(f"model batch {batch}, {side}: {time.perf_counter() - start:.0f} s, 1-min load average "
-              f"{load:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", file=sys.stderr, flush=True)
-      j, t = res["jax"], res["torch"]
-      hits, total = _matched(data_dir, batch)
-      note = (f"peak RSS jax {j['peak_rss_gb']:.1f} GB / torch {t['peak_rss_gb']:.1f} GB; detections jax "
-              f"{'+'.join(map(str, j['detections']))} / torch {'+'.join(map(str, t['detections']))}, "
-              f"{hits}/{total} matched at IoU>0.99")
-      rows.append(Row(f"mask_rcnn R50-FPN batch {batch} 800x1344", j["ms"], t["ms"], j["compile_s"], note))
-      if "stages" in j:
-        total_j = sum(v[0] for v in j["stages"].values())
-        total_t = sum(v[0] for v in t["stages"].values())
-        for name in STAGES:
-          (ms, cs), t_ms = j["stages"][name], t["stages"][name][0]
-          rows.append(Row(f"  batch {batch} stage: {name}", ms, t_ms, cs,
-                          f"{100 * ms / total_j:.0f}% of our stage sum / {100 * t_ms / total_t:.0f}% of torch's"))
+  for kind in args.models:
+    for image_name in args.images:
+      image_hw = MODEL_IMAGES[image_name]
+      for batch in args.batches:
+        with tempfile.TemporaryDirectory(prefix="mrcnn_jax_benchmark_") as tmp:
+          data_dir = pathlib.Path(tmp)
+          _prepare_model_data(data_dir, kind, image_hw, batch)
+          res = {}
+          for side in ("torch", "jax"):
+            cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "model", "--only", side, "--data", tmp,
+                   "--kind", kind, "--batch", str(batch), "--repeats", str(args.repeats), "--host_malloc",
+                   args.host_malloc]
+            cmd += ["--stages"] if batch == 1 else []
+            start, load = time.perf_counter(), os.getloadavg()[0]
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, cwd=REPO)
+            res[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+            # Other processes on the machine skew the figures: the load average says whether they were there.
+            print(f"{kind} {image_name} batch {batch}, {side}: {time.perf_counter() - start:.0f} s, 1-min load "
+                  f"average {load:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", file=sys.stderr,
+                  flush=True)
+          hits, total = _matched(data_dir)
+        j, t = res["jax"], res["torch"]
+        canvas = "x".join(map(str, j["canvas_hw"]))
+        padded = "x".join(map(str, t["padded_hw"]))
+        note = (f"canvas {canvas} (torchvision pads to {padded}); peak RSS jax {j['peak_rss_gb']:.1f} GB / torch "
+                f"{t['peak_rss_gb']:.1f} GB; detections jax {'+'.join(map(str, j['detections']))} / torch "
+                f"{'+'.join(map(str, t['detections']))}, {hits}/{total} matched at IoU>0.99")
+        name = {"mask": "mask_rcnn", "keypoint": "keypoint_rcnn"}[kind]
+        rows.append(Row(f"{name} R50-FPN {image_name} batch {batch}", j["ms"], t["ms"], j["compile_s"], note))
+        if "stages" in j:
+          total_j = sum(v[0] for v in j["stages"].values())
+          total_t = sum(v[0] for v in t["stages"].values())
+          for stage in STAGES:
+            (ms, cs), t_ms = j["stages"][stage], t["stages"][stage][0]
+            rows.append(Row(f"  {image_name} batch {batch} stage: {stage}", ms, t_ms, cs,
+                            f"{100 * ms / total_j:.0f}% of our stage sum / {100 * t_ms / total_t:.0f}% of torch's"))
   return rows
 
 
@@ -487,7 +521,7 @@ def run_data(args) -> list[Row]:
     paths = shapes.write_dataset(pathlib.Path(tmp) / "shapes", 256, 0, seed=0)
     source = coco.load_coco(paths["train_annotations"], paths["train_images"], train=True)
     small = config.input
-    small.min_size_train, small.max_size_train, small.canvas_hw = (128,), 128, (128, 128)
+    small.min_size_train, small.max_size_train, small.canvases = (128,), 128, ((128, 128),)
     rows += _bench_loader("shapes 128x128", source, small, 8, 30, 2)
   return rows
 
@@ -557,11 +591,11 @@ def _train_worker_torch(batch: int, repeats: int) -> dict:
 def _train_worker_jax(batch: int, repeats: int, dtype: str = "float32") -> dict:
   from mrcnn_jax import config_files, train
   from mrcnn_jax.data import pipeline
-  from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+  from mrcnn_jax.modeling import mask_rcnn
   from mrcnn_jax.ops import masks as mask_ops
 
   config = config_files.load_config(str(REPO / "configs" / "torchvision_maskrcnn_r50_fpn.py"))
-  config.input.canvas_hw = TRAIN_HW
+  config.input.canvases = (TRAIN_HW,)
   config.model.compute_dtype = dtype
   config.train.warmup_iters = 0
   config.train.base_lr = 0.001
@@ -581,7 +615,7 @@ def _train_worker_jax(batch: int, repeats: int, dtype: str = "float32") -> dict:
   mesh = train.make_mesh()
   state = jax.device_put(train.create_train_state(config, jax.random.key(0), TRAIN_HW),
                          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  step = train.jit_train_step(config, MaskRCNN(config.model, train=True), mesh)
+  step = train.jit_train_step(config, mask_rcnn.build_model(config, train=True), mesh)
   gb = pipeline.to_global_batch(b, mesh)
   start = time.perf_counter()
   compiled = step.lower(state, gb).compile()
@@ -644,7 +678,11 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, help="warm runs per figure (median); at least 5 (default: ops 7, "
                       "model 5)")
   parser.add_argument("--impl", default="xla", choices=["xla", "pallas"], help="RoIAlign implementation to time")
-  parser.add_argument("--batches", type=int, nargs="+", default=[1, 2], help="model: batch sizes to time")
+  parser.add_argument("--batches", type=int, nargs="+", default=[1, 2], help="model, train: batch sizes to time")
+  parser.add_argument("--models", nargs="+", default=["mask", "keypoint"], choices=sorted(MODEL_CONFIGS),
+                      help="model: which models (Mask R-CNN, Keypoint R-CNN)")
+  parser.add_argument("--images", nargs="+", default=list(MODEL_IMAGES), choices=list(MODEL_IMAGES),
+                      help="model: image sizes (W x H)")
   parser.add_argument("--train_hw", type=int, nargs=2, default=[512, 512], metavar=("H", "W"),
                       help="train: the padded canvas of the step, e.g. 800 1344")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -657,6 +695,7 @@ def main(argv=None) -> int:
   parser.add_argument("--only", choices=["jax", "torch"], help=argparse.SUPPRESS)
   parser.add_argument("--data", type=pathlib.Path, help=argparse.SUPPRESS)
   parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+  parser.add_argument("--kind", choices=sorted(MODEL_CONFIGS), help=argparse.SUPPRESS)
   parser.add_argument("--stages", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   global TRAIN_HW

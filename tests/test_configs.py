@@ -150,8 +150,8 @@ def test_runlocal_shrinks_the_run_and_leaves_the_model_alone(in_root, name):
   changed = set(_diff(local, full))
   assert changed <= {"train.batch_size", "train.base_lr", "train.max_iter", "train.steps", "train.warmup_iters",
                      "train.log_every", "train.checkpoint_every", "train.eval_every", "input.min_size_train",
-                     "input.max_size_train", "input.min_size_test", "input.max_size_test", "input.canvas_hw"}
-  assert {"train.batch_size", "train.max_iter", "input.canvas_hw"} <= changed
+                     "input.max_size_train", "input.min_size_test", "input.max_size_test", "input.canvases"}
+  assert {"train.batch_size", "train.max_iter", "input.canvases"} <= changed
   assert local.train.base_lr / local.train.batch_size == pytest.approx(full.train.base_lr / full.train.batch_size)
   assert local.train.warmup_iters < local.train.steps[0] < local.train.steps[1] < local.train.max_iter
 
@@ -197,7 +197,8 @@ def test_base_carries_detectron2_defaults(in_root):
       "input.pixel_format": "BGR", "input.pixel_scale": 255.0, "input.pixel_mean": (103.53, 116.28, 123.675),
       "input.pixel_std": (1.0, 1.0, 1.0), "input.resize_mode": "detectron2",
       "input.min_size_train": (640, 672, 704, 736, 768, 800), "input.max_size_train": 1333,
-      "input.min_size_test": 800, "input.max_size_test": 1333, "input.size_divisibility": 32,
+      "input.min_size_test": 800, "input.max_size_test": 1333, "model.size_divisibility": 32,
+      "model.rpn.sigmoid_scores": False, "model.pooler.max_level": 5, "model.pooler.max_sampling_ratio": None,
       "dataset.name": "coco_2017",
       "train.batch_size": 16, "train.base_lr": 0.02, "train.momentum": 0.9, "train.weight_decay": 1e-4,
       "train.weight_decay_norm": 0.0, "train.max_iter": 90000, "train.steps": (60000, 80000), "train.gamma": 0.1,
@@ -223,7 +224,7 @@ VARIANTS = {
         "model.rpn.min_size": 1e-3, "model.rpn.score_thresh": 0.0, "model.rpn.smooth_l1_beta": 1 / 9,
         "model.roi_heads.min_box_size_test": 1e-2, "model.roi_heads.bbox_reg_background": True,
         "model.roi_heads.background_last": False, "model.roi_heads.smooth_l1_beta": 1 / 9,
-        "model.pooler.aligned": False, "model.pooler.sampling_ratio": 2, "model.pooler.max_sampling_ratio": 2,
+        "model.pooler.aligned": False, "model.pooler.sampling_ratio": 2, "model.rpn.sigmoid_scores": True,
         "model.pooler.level_convention": "torchvision", "model.mask_head.paste_mode": "torchvision",
         "input.pixel_format": "RGB", "input.pixel_scale": 1.0, "input.pixel_mean": (0.485, 0.456, 0.406),
         "input.pixel_std": (0.229, 0.224, 0.225), "input.resize_mode": "torchvision", "input.min_size_train": (800,),
@@ -281,13 +282,19 @@ def test_keypoint_flip_map_swaps_left_and_right(in_root):
 
 @pytest.mark.parametrize("arg", ["", "runlocal"])
 @pytest.mark.parametrize("name", NAMES)
-def test_canvas_holds_the_largest_resized_image(in_root, name, arg):
-  inp = _load(name, arg).input
-  d = inp.size_divisibility
-  longest = max(inp.max_size_train, inp.max_size_test)
-  assert all(side % d == 0 for side in inp.canvas_hw)
-  assert min(inp.canvas_hw) >= -(-longest // d) * d
+def test_canvases_hold_every_resized_image(in_root, name, arg):
+  """Every canvas is a multiple of the model's size_divisibility, and an image of any aspect ratio, resized at the
+  largest train or test scale, fits one of them."""
+  from mrcnn_jax.data import transforms
+
+  config = _load(name, arg)
+  inp, d = config.input, config.model.size_divisibility
+  assert all(h % d == 0 and w % d == 0 for h, w in inp.canvases)
   assert max(inp.min_size_train) <= inp.max_size_train and inp.min_size_test <= inp.max_size_test
+  for short, cap in ((max(inp.min_size_train), inp.max_size_train), (inp.min_size_test, inp.max_size_test)):
+    for h, w in ((100, 100), (300, 400), (400, 300), (200, 1000), (1000, 200), (480, 640), (640, 480)):
+      resized = transforms.output_size(h, w, short, cap, inp.resize_mode)
+      transforms.choose_canvas(resized, inp.canvases)  # raises if none holds it
 
 
 # --- the main job's config ----------------------------------------------------------------------------------------------
@@ -296,7 +303,7 @@ def test_canvas_holds_the_largest_resized_image(in_root, name, arg):
 def test_shapes_config_is_the_base_shrunk_for_a_cpu(in_root):
   shapes, base = _load("shapes"), _load(BASE)
   assert shapes.is_locked and shapes.dataset.name == "shapes"
-  assert shapes.model.num_classes == 3 and shapes.input.canvas_hw == (128, 128)
+  assert shapes.model.num_classes == 3 and shapes.input.canvases == ((128, 128),)
   # From scratch: statistics are learned and nothing is frozen.
   assert shapes.model.backbone.norm == "BN" and shapes.model.backbone.freeze_at == 0 and not shapes.init_from
   # Every field of the base exists in the shapes config; it only adds dataset.shapes.

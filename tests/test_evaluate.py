@@ -301,7 +301,7 @@ def _fake_config(max_detections=100, masks=False):
   config.input = ml_collections.ConfigDict({
       "pixel_format": "RGB", "pixel_scale": 255.0, "pixel_mean": [0.0, 0.0, 0.0], "pixel_std": [1.0, 1.0, 1.0],
       "resize_mode": "detectron2", "min_size_test": FAKE_SIZE, "max_size_test": FAKE_SIZE,
-      "canvas_hw": (FAKE_SIZE, FAKE_SIZE)})
+      "canvases": ((FAKE_SIZE, FAKE_SIZE),)})
   config.model = ml_collections.ConfigDict({
       "label_space": "contiguous", "keypoint_head": {"enabled": False},
       "mask_head": {"enabled": masks, "paste_mode": "detectron2", "mask_threshold": 0.5},

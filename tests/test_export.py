@@ -96,20 +96,20 @@ def test_command_line_exports_a_checkpoint(model, tmp_path):
       cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=300, check=False)
   assert done.returncode == 0, done.stderr
   loaded = export.load_exported(tmp_path / "cli")
-  assert loaded.exported.platforms == ("cpu", "tpu") and loaded.batch_size == BATCH
+  assert loaded.platforms == ("cpu", "tpu") and loaded.batch_size == BATCH
   _assert_same(jax.device_get(loaded(model.images, model.info)), model.reference)
 
 
 def test_export_directory_and_manifest(model):
   assert sorted(p.name for p in model.path.iterdir()) == sorted(
-      [export.ARTIFACT_FILE, export.WEIGHTS_FILE, export.MANIFEST_FILE])
+      [export.ARTIFACT_PATTERN.format(CANVAS, CANVAS), export.WEIGHTS_FILE, export.MANIFEST_FILE])
   assert not [p for p in model.path.parent.iterdir() if p.name.startswith(".")]  # no temporary left behind
   manifest = json.loads((model.path / export.MANIFEST_FILE).read_text())
-  assert manifest["batch_size"] == BATCH and manifest["canvas_hw"] == [CANVAS, CANVAS]
+  assert manifest["batch_size"] == BATCH and manifest["canvases"] == [[CANVAS, CANVAS]]
   assert manifest["platforms"] == ["cpu"]
-  assert manifest["inputs"] == [
+  assert manifest["inputs"] == {export.ARTIFACT_PATTERN.format(CANVAS, CANVAS): [
       {"name": "images", "shape": [BATCH, CANVAS, CANVAS, 3], "dtype": "float32"},
-      {"name": "image_info", "shape": [BATCH, transforms.IMAGE_INFO_SIZE], "dtype": "float32"}]
+      {"name": "image_info", "shape": [BATCH, transforms.IMAGE_INFO_SIZE], "dtype": "float32"}]}
   assert manifest["outputs"]["boxes"] == {"shape": [BATCH, 10, 4], "dtype": "float32"}
   assert manifest["outputs"]["masks"] == {"shape": [BATCH, 10, 28, 28], "dtype": "float32"}
   assert manifest["config"]["model"]["backbone"]["depth"] == 18
@@ -137,7 +137,7 @@ def test_multi_platform_export_runs_on_cpu(model, tmp_path):
   path = export.export_inference(model.config, model.variables, tmp_path / "multi", batch_size=BATCH,
                                  platforms=("cpu", "cuda", "tpu"))
   loaded = export.load_exported(path)
-  assert loaded.exported.platforms == ("cpu", "cuda", "tpu")
+  assert loaded.platforms == ("cpu", "cuda", "tpu")
   _assert_same(jax.device_get(loaded(model.images, model.info)), model.reference)
 
 

@@ -52,7 +52,7 @@ def _config(load_config, paths):
   inp.pixel_mean, inp.pixel_std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
   inp.min_size_train, inp.max_size_train = (128,), 128
   inp.min_size_test, inp.max_size_test = 128, 128
-  inp.canvas_hw = (128, 128)
+  inp.canvases = ((128, 128),)
   inp.max_instances, inp.gt_mask_size = shapes.MAX_INSTANCES, 28
 
   t = config.train

@@ -67,11 +67,11 @@ def make_fixed_detections_infer(traces):
 VARIABLES = {"classes": np.array([1, 2, 3, 4, 5], np.int32)}
 
 
-def make_config(resize_mode="torchvision", paste_mode="detectron2", keypoints=False, canvas_hw=CANVAS_HW):
+def make_config(resize_mode="torchvision", paste_mode="detectron2", keypoints=False, canvases=(CANVAS_HW,)):
   config = ml_collections.ConfigDict()
   config.input = ml_collections.ConfigDict(dict(
       pixel_format="RGB", pixel_scale=1.0, pixel_mean=[0.485, 0.456, 0.406], pixel_std=[0.229, 0.224, 0.225],
-      resize_mode=resize_mode, min_size_test=64, max_size_test=96, canvas_hw=canvas_hw))
+      resize_mode=resize_mode, min_size_test=64, max_size_test=96, canvases=canvases))
   config.model = ml_collections.ConfigDict(dict(
       mask_head=dict(enabled=True, paste_mode=paste_mode, mask_threshold=0.5),
       keypoint_head=dict(enabled=keypoints), label_space="contiguous"))
@@ -221,10 +221,25 @@ def test_images_must_be_a_list():
 
 def test_image_that_does_not_fit_the_canvas_names_the_index():
   traces = []
-  predictor = make_predictor(traces, canvas_hw=(64, 96))
-  with pytest.raises(ValueError, match=r"image 1: image of size 43x30 resizes to 91x64, .*canvas 64x96"):
+  predictor = make_predictor(traces, canvases=((64, 96),))
+  with pytest.raises(ValueError, match=r"image 1 \(43x30\): an image resized to 91x64 .*fits none of the canvases 64x96"):
     predictor([_image(32, 48), _image(43, 30)])
   assert traces == []  # checked before the first image ran
+
+
+def test_images_are_batched_by_canvas_and_returned_in_order():
+  """Landscape and portrait images go to their own canvas (one program each, traced once), batched with images of
+  the same canvas, and the results come back in the order given."""
+  traces = []
+  predictor = make_predictor(traces, batch_size=2, canvases=((64, 96), (96, 64)))
+  images = [_image(32, 48, 0), _image(48, 32, 1), _image(32, 48, 2), _image(48, 32, 3), _image(32, 48, 4)]
+  results = predictor(images)
+  assert sorted(traces) == [(2, 64, 96, 3), (2, 96, 64, 3)]
+  alone = make_predictor(batch_size=1, canvases=((64, 96), (96, 64)))
+  for image, got in zip(images, results):
+    want = alone([image])[0]
+    np.testing.assert_array_equal(got["boxes"], want["boxes"])
+    assert got["masks"].shape[1:] == image.shape[:2]
 
 
 def test_bad_config_and_batch_size():

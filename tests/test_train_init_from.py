@@ -41,7 +41,7 @@ def _config(load_config, num_classes):
   m.roi_heads.fc_dim = 32
   m.mask_head.conv_dim = 16
   inp = config.input
-  inp.canvas_hw, inp.min_size_train, inp.max_size_train = CANVAS, (64,), 64
+  inp.canvases, inp.min_size_train, inp.max_size_train = (CANVAS,), (64,), 64
   inp.max_instances, inp.gt_mask_size = 8, 16
   t = config.train
   t.batch_size, t.max_iter, t.log_every, t.checkpoint_every, t.num_workers = 8, 1, 1, 1, 0

@@ -192,7 +192,7 @@ def _tiny_config():
   m.roi_heads.foreground_buckets = (2,)  # 4 foreground slots per image: the heads' switch has a branch on 2
   m.roi_heads.fc_dim = 32
   m.mask_head.conv_dim = 16
-  config.input.canvas_hw = (CANVAS, CANVAS)
+  config.input.canvases = ((CANVAS, CANVAS),)
   t = config.train
   t.batch_size = 8
   t.warmup_iters = 0  # the full base_lr, so that the update is large enough to compare

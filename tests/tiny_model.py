@@ -30,7 +30,7 @@ UNIT_PIXEL_STD_KW = {"input__pixel_std": (58.395, 57.12, 57.375)}
 
 def overrides(canvas: int, min_size_test: int, **extra) -> dict:
   """MODEL on a canvas x canvas input, plus `extra` ({"input.pixel_std": ...} given as input__pixel_std=...)."""
-  return {**MODEL, "input.canvas_hw": (canvas, canvas), "input.min_size_test": min_size_test,
+  return {**MODEL, "input.canvases": ((canvas, canvas),), "input.min_size_test": min_size_test,
           "input.max_size_test": canvas, **{k.replace("__", "."): v for k, v in extra.items()}}
 
 

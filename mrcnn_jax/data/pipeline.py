@@ -1,16 +1,22 @@
 """From records to device batches: training augmentation, the grain training loader, evaluation batches.
 
   record + image --train_example--> one example: fixed-shape numpy arrays (canvas image, GT padded to G slots)
-  source --make_train_loader--> grain DataLoader: shuffled, sharded by process, infinite, checkpointable iterator
-  source --make_eval_batches--> every image once, in order, the last batch padded and marked by `valid`
+  source --make_train_loader--> grain DataLoader: shuffled, grouped by canvas, sharded by process, infinite,
+         checkpointable iterator of batches (`BatchPlan` says which images make each global batch)
+  source --make_eval_batches--> every image once, grouped by canvas, each group's last batch padded (`valid`)
   batch --to_global_batch--> global jax.Arrays sharded over the mesh's data axis
+
+Canvases: every image is padded to the smallest of the config's static canvases (`input.canvases`) that holds it
+(`transforms.train_canvas`, `transforms.eval_canvas`), and a batch holds images of one canvas only, so that each
+canvas is one compiled program (jit compiles it the first time it sees that shape, and reuses it).
 
 A "source" is duck-typed: anything with `.records` (a list of `records.ImageRecord`) and `.load_image(record)`
 returning (H, W, 3) uint8 RGB, raising FileNotFoundError / ValueError (or another OSError) naming the file for a
 missing or corrupt image (`coco.CocoSource`, or a test's in-memory fake).
 
 Training examples (`train_example`), all numpy, G = input_cfg.max_instances, M = input_cfg.gt_mask_size, K keypoints:
-  image (Hc, Wc, 3) float32       the normalized resized (and maybe flipped) image at the top left, zeros elsewhere
+  image (Hc, Wc, 3) float32       the normalized resized (and maybe flipped) image at the top left of its canvas,
+                                  zeros elsewhere
   image_info (6,) float32         [valid_h, valid_w, scale_h, scale_w, orig_h, orig_w], as `transforms.preprocess`
   gt_boxes (G, 4) float32         XYXY in resized-image pixels; zeros in unused slots
   gt_classes (G,) int32           contiguous labels 1..num_classes; 0 in unused slots
@@ -27,6 +33,7 @@ Nothing here except `to_global_batch` touches JAX.
 
 from __future__ import annotations
 
+import sys
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
@@ -128,13 +135,14 @@ def _check_train_image(record: ImageRecord, image) -> np.ndarray:
   return image
 
 
-def transform_train_example(record: ImageRecord, image, input_cfg, *, short_side: int, flip: bool) -> dict:
+def transform_train_example(record: ImageRecord, image, input_cfg, *, short_side: int, flip: bool,
+                            canvas_hw: Sequence[int] | None = None) -> dict:
   """`train_example` with its two random choices given: the target short side and whether to flip.
 
   Resizes (shortest edge `short_side`, longest at most input_cfg.max_size_train, sizes by `transforms.output_size`
   in the config's resize_mode), normalizes in the order of `transforms.preprocess` for that mode, flips
-  horizontally if `flip`, pads to input_cfg.canvas_hw; maps the ground truth along. Returns the example dict of the
-  module docstring (without num_skipped).
+  horizontally if `flip`, pads to canvas_hw (default: the image's `transforms.train_canvas`); maps the ground
+  truth along. Returns the example dict of the module docstring (without num_skipped).
 
   Masks are cropped at the original resolution, inside each instance's original box: resizing is a per-axis scale,
   so that region is the one inside the resized box, and cropping before resizing spares a second resampling of a
@@ -154,7 +162,9 @@ def transform_train_example(record: ImageRecord, image, input_cfg, *, short_side
     resized = transforms.normalize_image(transforms.resize_image(image, (new_h, new_w), mode), **norm)
   if flip:
     resized = resized[:, ::-1]
-  canvas = transforms.pad_to_canvas(resized, input_cfg.canvas_hw)
+  if canvas_hw is None:
+    canvas_hw = transforms.train_canvas(height, width, input_cfg)
+  canvas = transforms.pad_to_canvas(resized, canvas_hw)
   scale_h, scale_w = new_h / height, new_w / width
   info = np.array([new_h, new_w, scale_h, scale_w, height, width], np.float32)
 
@@ -215,13 +225,15 @@ def transform_train_example(record: ImageRecord, image, input_cfg, *, short_side
   }
 
 
-def train_example(record: ImageRecord, image, input_cfg, rng: np.random.Generator) -> dict:
+def train_example(record: ImageRecord, image, input_cfg, rng: np.random.Generator,
+                  canvas_hw: Sequence[int] | None = None) -> dict:
   """One training example: random short side and horizontal flip, then `transform_train_example`.
 
   record: the image's annotations (original pixels). image: (H, W, 3) uint8 RGB (or float in [0, 1]) of size
     (record.height, record.width); another size raises ValueError naming the file.
-  input_cfg: config.input (resize_mode, min_size_train, max_size_train, canvas_hw, max_instances, gt_mask_size,
+  input_cfg: config.input (resize_mode, min_size_train, max_size_train, canvases, max_instances, gt_mask_size,
     keypoint_flip_map, pixel_format/scale/mean/std; optional num_keypoints, default 17).
+  canvas_hw: the canvas to pad to; default the image's `transforms.train_canvas`.
   rng: draws, in this order, the short side (uniformly from min_size_train, Detectron2's "choice" style) and the
     flip (probability 0.5).
   Returns the example dict of the module docstring; the instances beyond G (the smallest, crowd ones first, see
@@ -230,15 +242,16 @@ def train_example(record: ImageRecord, image, input_cfg, rng: np.random.Generato
   sizes = np.atleast_1d(np.asarray(input_cfg.min_size_train, np.int64))
   short_side = int(sizes[rng.integers(len(sizes))])
   flip = bool(rng.random() < 0.5)
-  return transform_train_example(record, image, input_cfg, short_side=short_side, flip=flip)
+  return transform_train_example(record, image, input_cfg, short_side=short_side, flip=flip, canvas_hw=canvas_hw)
 
 
-def eval_example(record: ImageRecord, image, input_cfg) -> dict:
+def eval_example(record: ImageRecord, image, input_cfg, canvas_hw: Sequence[int] | None = None) -> dict:
   """One evaluation input: `transforms.preprocess` (min_size_test / max_size_test) and the image id.
 
+  canvas_hw: the canvas to pad to; default the image's `transforms.eval_canvas`.
   Returns {"image": (Hc, Wc, 3) float32, "image_info": (6,) float32, "image_id": () int64}.
   """
-  canvas, info = transforms.preprocess(image, input_cfg)
+  canvas, info = transforms.preprocess(image, input_cfg, canvas_hw)
   return {"image": canvas, "image_info": info, "image_id": np.asarray(record.image_id, np.int64)}
 
 
@@ -247,77 +260,129 @@ def eval_example(record: ImageRecord, image, input_cfg) -> dict:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class _RecordIndices:
-  """grain data source whose element i is the record index i itself.
+def record_canvases(records: Sequence[ImageRecord], input_cfg, *, train: bool) -> tuple[list, np.ndarray]:
+  """(canvases, index): the config's canvases and, per record, the index of the one it is padded to
+  (`transforms.train_canvas` or `transforms.eval_canvas`), from the records' sizes alone (no image is read).
 
-  The records and the images stay with the transform (which holds the source): grain's reader threads then have
-  nothing to read, and each worker process receives the source once. grain checks `repr` of the data source when
-  an iterator state is restored, so it names the dataset by content (a checksum of the image ids), not by object
-  identity: a restarted run with the same dataset restores, another dataset fails loudly.
+  Raises ValueError naming the images (the first 5, and the count) that fit none of the canvases.
+  """
+  canvas_list = transforms.canvases(input_cfg)
+  position = {hw: i for i, hw in enumerate(canvas_list)}
+  choose = transforms.train_canvas if train else transforms.eval_canvas
+  index, misfits = np.zeros(len(records), np.int32), []
+  for i, record in enumerate(records):
+    try:
+      index[i] = position[choose(record.height, record.width, input_cfg)]
+    except ValueError as e:
+      misfits.append(f"{record.file_name} ({record.height}x{record.width}): {e}")
+  if misfits:
+    raise ValueError(f"{len(misfits)} images fit none of the canvases; raise input.canvases or lower the resize "
+                     f"sizes: " + "; ".join(misfits[:5]) + ("; ..." if len(misfits) > 5 else ""))
+  return canvas_list, index
+
+
+class BatchPlan:
+  """Which records make each global training batch, and its canvas: deterministic, the same on every process.
+
+  Epoch e visits every record once, in the order of a permutation drawn from (seed, e). Each record goes into the
+  queue of its canvas, and a global batch is emitted whenever a queue holds global_batch_size records (Detectron2's
+  AspectRatioGroupedDataset over an infinite sampler, grouped by canvas rather than by orientation); the queues carry
+  over from one epoch to the next. Every process computes the same plan from the records' sizes, so all agree on
+  each step's canvas; process p takes slots [p * B_local, (p + 1) * B_local) of each batch.
+
+  `plan[j]` -> (canvas index, record indices (global_batch_size,) int64, epochs (global_batch_size,) int64: the
+  epoch in which each record was drawn). Epochs are planned lazily, as far as asked.
   """
 
-  def __init__(self, records: Sequence[ImageRecord]):
-    self._num_records = len(records)
+  def __init__(self, canvas_index: np.ndarray, num_canvases: int, global_batch_size: int, seed: int):
+    self._canvas_index = np.asarray(canvas_index, np.int32)
+    self._num_canvases = int(num_canvases)
+    self._batch = int(global_batch_size)
+    self._seed = int(seed)
+    self._queues = [[] for _ in range(self._num_canvases)]
+    self._batches: list[tuple[int, np.ndarray, np.ndarray]] = []
+    self._epoch = 0
+
+  def _plan_epoch(self) -> None:
+    order = np.random.default_rng([self._seed, self._epoch]).permutation(len(self._canvas_index))
+    for record in order:
+      c = int(self._canvas_index[record])
+      queue = self._queues[c]
+      queue.append((int(record), self._epoch))
+      if len(queue) == self._batch:
+        members = np.asarray(queue, np.int64)
+        self._batches.append((c, members[:, 0], members[:, 1]))
+        queue.clear()
+    self._epoch += 1
+
+  def __getitem__(self, j: int) -> tuple[int, np.ndarray, np.ndarray]:
+    j = int(j)
+    while len(self._batches) <= j:
+      before = len(self._batches)
+      self._plan_epoch()
+      if len(self._batches) == before and self._epoch > self._batch:
+        raise RuntimeError("no canvas group ever fills a batch")  # cannot happen: some queue fills in B epochs
+    return self._batches[j]
+
+
+class _BatchIndices:
+  """grain data source whose element j is the batch index j itself; the batch is built by `TrainBatchTransform`.
+
+  grain checks `repr` of the data source when an iterator state is restored, so it names the plan by content (a
+  checksum of the image ids and canvases, the batch size and seed): a restarted run with the same dataset and
+  settings restores, another fails loudly.
+  """
+
+  def __init__(self, records: Sequence[ImageRecord], canvas_index: np.ndarray, global_batch_size: int, seed: int):
     ids = np.asarray([r.image_id for r in records], np.int64)
-    self._fingerprint = zlib.crc32(ids.tobytes())
+    self._fingerprint = zlib.crc32(ids.tobytes() + np.asarray(canvas_index, np.int32).tobytes())
+    self._name = f"num_records={len(records)}, batch={global_batch_size}, seed={seed}"
 
   def __len__(self) -> int:
-    return self._num_records
+    return sys.maxsize
 
   def __getitem__(self, index: int) -> int:
     return int(index)
 
   def __repr__(self) -> str:
-    return f"RecordIndices(num_records={self._num_records}, image_ids_crc32={self._fingerprint:08x})"
+    return f"TrainBatchIndices({self._name}, image_ids_crc32={self._fingerprint:08x})"
 
 
-class _EpochSeededSampler:
-  """grain's IndexSampler (global shuffle by seed, reshuffled every epoch, infinite), with each example's rng drawn
-  from (seed, record index, epoch).
-
-  grain's own per-example rng depends on the position in the sampled sequence; deriving it from the record and the
-  epoch instead makes an image's augmentation independent of how the sequence is sharded over processes and
-  workers, and a resumed iterator (same positions) reproduces it exactly either way.
-  """
-
-  def __init__(self, num_records: int, seed: int):
-    self._num_records = num_records
-    self._seed = seed
-    # Sharding happens in the DataLoader (strided over this global sequence), so each epoch's permutation is split
-    # between the processes.
-    self._sampler = grain.IndexSampler(num_records, shard_options=grain.NoSharding(), shuffle=True,
-                                       num_epochs=None, seed=seed)
+class _Sequential:
+  """grain Sampler: element j of the (infinite) sequence is batch j, in order (the plan does the shuffling)."""
 
   def __len__(self) -> int:
-    return len(self._sampler)
+    return sys.maxsize
 
   def __getitem__(self, index: int) -> grain.RecordMetadata:
-    meta = self._sampler[index]
-    epoch = index // self._num_records
-    rng = np.random.default_rng([self._seed, int(meta.record_key), epoch])
-    return grain.RecordMetadata(index=meta.index, record_key=meta.record_key, rng=rng)
+    return grain.RecordMetadata(index=int(index), record_key=int(index), rng=None)
 
   def __repr__(self) -> str:
-    return f"EpochSeededSampler(num_records={self._num_records}, seed={self._seed}, shuffle=True, num_epochs=None)"
+    return "SequentialBatches()"
 
 
-class TrainTransform(grain.RandomMapTransform):
-  """record index -> training example (`train_example`), replacing an unreadable image by the next record's.
+class TrainBatchTransform(grain.MapTransform):
+  """batch index j -> this process's part of global batch j: its records' training examples, stacked.
 
-  A missing or corrupt image warns (SkippedImageWarning, naming the file) and the example is made from the next
-  record index instead (wrapping around); the example's num_skipped counts the images passed over. Replacing
-  rather than filtering keeps the transform stateless and one-to-one: every batch is full, the count travels with
-  the batch out of the worker processes, and the iterator state (positions in the sampled sequence) restores the
-  exact same batches.
+  Each example's augmentation draws from an rng seeded by (seed, record index, epoch), so it does not depend on
+  the process or worker count, and a resumed iterator reproduces it. A missing or corrupt image warns
+  (SkippedImageWarning, naming the file) and the next record of the same canvas takes its place (wrapping around);
+  the example's num_skipped counts the images passed over. Replacing rather than filtering keeps every batch full
+  and on its canvas, and the iterator state (the batch position) restores the exact same batches.
   """
 
-  def __init__(self, source, input_cfg):
+  def __init__(self, source, input_cfg, plan: BatchPlan, canvas_list, canvas_index, seed: int, shard_index: int,
+               shard_count: int):
     self._source = source
     self._records = source.records
     self._input_cfg = input_cfg
+    self._plan = plan
+    self._canvases = canvas_list
+    self._canvas_index = np.asarray(canvas_index, np.int32)
+    self._seed = int(seed)
+    self._shard_index, self._shard_count = int(shard_index), int(shard_count)
 
-  def random_map(self, element: int, rng: np.random.Generator) -> dict:
-    index = int(element)
+  def _example(self, index: int, epoch: int, canvas: int) -> dict:
     skipped = []
     while True:
       record = self._records[index]
@@ -331,10 +396,26 @@ class TrainTransform(grain.RandomMapTransform):
         if len(skipped) >= MAX_CONSECUTIVE_SKIPS:
           raise RuntimeError(f"{len(skipped)} consecutive training images could not be read ({skipped[0]} ... "
                              f"{skipped[-1]}); is the image directory right?") from e
-        index = (index + 1) % len(self._records)
-    example = train_example(record, image, self._input_cfg, rng)
+        index = self._next_on_canvas(index, canvas)
+    rng = np.random.default_rng([self._seed, index, epoch])
+    example = train_example(record, image, self._input_cfg, rng, self._canvases[canvas])
     example["num_skipped"] = np.asarray(len(skipped), np.int32)
     return example
+
+  def _next_on_canvas(self, index: int, canvas: int) -> int:
+    n = len(self._records)
+    for step in range(1, n + 1):
+      candidate = (index + step) % n
+      if self._canvas_index[candidate] == canvas:
+        return candidate
+    return index
+
+  def map(self, element: int) -> dict:
+    canvas, members, epochs = self._plan[int(element)]
+    local = len(members) // self._shard_count
+    part = slice(self._shard_index * local, (self._shard_index + 1) * local)
+    examples = [self._example(int(i), int(e), canvas) for i, e in zip(members[part], epochs[part])]
+    return {key: np.stack([ex[key] for ex in examples]) for key in examples[0]}
 
 
 def _default_grain_profiling_flag() -> None:
@@ -358,45 +439,52 @@ def _default_grain_profiling_flag() -> None:
 def make_train_loader(source, input_cfg, *, global_batch_size: int, seed: int, num_workers: int = 2,
                       shard_options: grain.ShardOptions | None = None,
                       worker_buffer_size: int = 2) -> grain.DataLoader:
-  """The training input: an infinite, shuffled, process-sharded grain DataLoader of fixed-shape batches.
+  """The training input: an infinite, shuffled, canvas-grouped, process-sharded grain DataLoader of fixed-shape
+  batches.
 
   source: duck-typed, `.records` and `.load_image(record)` (see the module docstring). With num_workers > 0 it is
     pickled into each worker process (grain spawns them), so it should be cheap to pickle.
-  input_cfg: config.input (see `train_example`).
+  input_cfg: config.input (see `train_example`; `canvases` for the grouping).
   global_batch_size: images per step over all processes; each process gets global_batch_size // shard_count.
-  seed: in [0, 2**32): the shuffle (a new permutation each epoch) and, with the record index and the epoch, each
-    example's augmentation.
-  num_workers: worker processes for decoding and augmentation; 0 runs everything in the calling thread.
-  shard_options: grain.ShardOptions(shard_index, shard_count) (tests, custom layouts); default
-    grain.ShardByJaxProcess(drop_remainder=True), one shard per JAX process. Shard s reads positions s, s + count,
-    ... of the global shuffled sequence, so the shards partition each epoch.
+  seed: in [0, 2**32): the shuffle (a new permutation each epoch, `BatchPlan`) and, with the record index and the
+    epoch, each example's augmentation.
+  num_workers: worker processes for decoding and augmentation, each building whole batches; 0 runs everything in
+    the calling thread.
+  shard_options: grain.ShardOptions(shard_index, shard_count) (tests, custom layouts); default one shard per JAX
+    process. Shard s takes slots [s * B_local, (s + 1) * B_local) of every global batch.
   worker_buffer_size: batches each worker prepares ahead.
 
   Returns the loader. `it = iter(loader)` yields dicts of numpy arrays, each example field of the module docstring
-  stacked to (B, ...), plus num_skipped (B,) int32; `it.get_state()` (bytes) and `it.set_state(state)` on a fresh
-  iterator of an equal loader (same dataset, seed, sharding and num_workers; which batch holds which image depends
-  on the worker count) continue with exactly the batches the first would have produced.
+  stacked to (B_local, ...), all images of a batch on one canvas, plus num_skipped (B_local,) int32;
+  `it.get_state()` (bytes) and `it.set_state(state)` on a fresh iterator of an equal loader (same dataset, canvases,
+  seed, batch size and sharding; any worker count) continue with exactly the batches the first would have produced.
+  Raises ValueError naming the images that fit none of the canvases.
   """
   num_records = len(source.records)
   if num_records == 0:
     raise ValueError("the training source has no records")
   if not (isinstance(seed, (int, np.integer)) and 0 <= seed < 2**32):
     raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-  shard_options = shard_options if shard_options is not None else grain.ShardByJaxProcess(drop_remainder=True)
+  if shard_options is None:
+    shard_options = grain.ShardOptions(shard_index=jax.process_index(), shard_count=jax.process_count())
   shard_count = shard_options.shard_count
   if global_batch_size <= 0 or global_batch_size % shard_count:
     raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of the number of "
                      f"processes (shards) {shard_count}")
+  canvas_list, canvas_index = record_canvases(source.records, input_cfg, train=True)
+  plan = BatchPlan(canvas_index, len(canvas_list), global_batch_size, int(seed))
   if num_workers:
     _default_grain_profiling_flag()
+  transform = TrainBatchTransform(source, input_cfg, plan, canvas_list, canvas_index, int(seed),
+                                  shard_options.shard_index, shard_count)
   return grain.DataLoader(
-      data_source=_RecordIndices(source.records),
-      sampler=_EpochSeededSampler(num_records, int(seed)),
-      operations=[TrainTransform(source, input_cfg),
-                  grain.Batch(global_batch_size // shard_count, drop_remainder=True)],
+      data_source=_BatchIndices(source.records, canvas_index, global_batch_size, int(seed)),
+      sampler=_Sequential(),
+      operations=[transform],
       worker_count=num_workers,
       worker_buffer_size=worker_buffer_size,
-      shard_options=shard_options,
+      # Each element is a whole global batch's index, and the transform takes this process's slots of it.
+      shard_options=grain.NoSharding(),
       # The data source holds integers: reader threads would only contend for the GIL (grain's advice for
       # in-memory sources). Decoding happens in the transform, in parallel across worker processes.
       read_options=grain.ReadOptions(num_threads=0, prefetch_buffer_size=0),
@@ -410,23 +498,34 @@ def make_train_loader(source, input_cfg, *, global_batch_size: int, seed: int, n
 
 def make_eval_batches(source, input_cfg, batch_size: int, *, shard_index: int = 0,
                       shard_count: int = 1) -> Iterator[dict]:
-  """Every record of this shard exactly once, in order, in batches of `batch_size`.
+  """Every record of this shard exactly once, grouped by canvas, in batches of `batch_size`.
 
   source: duck-typed (see the module docstring). input_cfg: config.input (see `eval_example`).
-  shard_index, shard_count: this process takes records shard_index, shard_index + shard_count, ...; every shard
-    yields the same number of batches (ceil(ceil(N / shard_count) / batch_size)), as global arrays need.
+  The records are grouped by their canvas (`transforms.eval_canvas`; groups in the order of input.canvases, records
+  in source order within a group). shard_index, shard_count: this process takes records shard_index,
+  shard_index + shard_count, ... of each group; every shard yields the same sequence of canvases and batch counts
+  (per group ceil(ceil(N_c / shard_count) / batch_size)), as global arrays need.
   Yields {"image": (B, Hc, Wc, 3) float32, "image_info": (B, 6) float32, "image_id": (B,) int64, "valid": (B,)
-  bool}. Slots past the shard's last image repeat its last real example (finite values for the model) with valid
-  False; an empty shard pads with zeros.
+  bool}. Slots past a group's last image of this shard repeat its last real example (finite values for the model)
+  with valid False; an empty shard pads with a blank full-canvas image.
   Raises RuntimeError naming the file (chained to the source's error) when an image is missing or unreadable: an
-  evaluation that silently drops images reports a wrong AP.
+  evaluation that silently drops images reports a wrong AP; ValueError naming the images that fit no canvas.
   """
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} is outside 0..{shard_count - 1}")
-  records = source.records[shard_index::shard_count]
-  per_shard = -(-len(source.records) // shard_count)
+  canvas_list, canvas_index = record_canvases(source.records, input_cfg, train=False)
+  for c, canvas_hw in enumerate(canvas_list):
+    group = [r for r, i in zip(source.records, canvas_index) if i == c]
+    if not group:
+      continue
+    yield from _eval_group_batches(source, group[shard_index::shard_count], -(-len(group) // shard_count),
+                                   input_cfg, canvas_hw, batch_size)
+
+
+def _eval_group_batches(source, records, per_shard: int, input_cfg, canvas_hw, batch_size: int) -> Iterator[dict]:
+  """The batches of one canvas group's share of this shard (see `make_eval_batches`)."""
   num_batches = -(-per_shard // batch_size)
   last = None
   for b in range(num_batches):
@@ -437,13 +536,13 @@ def make_eval_batches(source, input_cfg, batch_size: int, *, shard_index: int = 
       except _IMAGE_ERRORS as e:
         raise RuntimeError(f"evaluation image {record.file_name} (image id {record.image_id}) cannot be read: "
                            f"{e}") from e
-      last = eval_example(record, image, input_cfg)
+      last = eval_example(record, image, input_cfg, canvas_hw)
       examples.append(last)
       valid.append(True)
-    if last is None:  # this shard has no records at all
-      hc, wc = input_cfg.canvas_hw
+    if last is None:  # this shard has no records of the group
+      hc, wc = canvas_hw
       last = {"image": np.zeros((hc, wc, 3), np.float32),
-              "image_info": np.zeros((transforms.IMAGE_INFO_SIZE,), np.float32),
+              "image_info": np.array([hc, wc, 1, 1, hc, wc], np.float32),
               "image_id": np.asarray(-1, np.int64)}
     while len(examples) < batch_size:
       examples.append(last)

@@ -8,9 +8,10 @@ Two resize conventions exist because converted weights must see their inputs the
   * "detectron2" (`ResizeShortestEdge` + the model's own normalization): the uint8 image is resized with PIL's
     bilinear filter to sizes rounded to the nearest integer, then normalized inside the model.
 
-Both pad the normalized image with zeros at the bottom and right; we pad to the config's fixed canvas (DESIGN.md,
-static shapes) instead of to the batch's largest image rounded up to 32, which changes nothing inside the valid
-region.
+Both pad the normalized image with zeros at the bottom and right, to the batch's largest image rounded up to 32. We
+pad to the smallest of the config's few static canvases (`input.canvases`) that holds the image (`choose_canvas`),
+so that each canvas is one compiled program; the model keeps every image inside its own frame (`ops.frames`), so
+the canvas changes nothing in the results.
 
 Images are (H, W, 3) RGB numpy arrays, either uint8 in 0..255 or float in [0, 1] (what torchvision models take).
 Nothing here needs JAX.
@@ -260,12 +261,59 @@ def pad_to_canvas(image, canvas_hw: Sequence[int]) -> np.ndarray:
   return canvas
 
 
-def preprocess(image, input_cfg) -> tuple[np.ndarray, np.ndarray]:
+def canvases(input_cfg) -> list[tuple[int, int]]:
+  """The config's static canvases, `input.canvases`, as (height, width) int pairs, validated."""
+  values = input_cfg.canvases
+  try:
+    out = [(int(h), int(w)) for h, w in values]
+  except (TypeError, ValueError):
+    raise ValueError(f"input.canvases must be a sequence of (height, width) pairs, got {values!r}") from None
+  if not out or any(h < 1 or w < 1 for h, w in out):
+    raise ValueError(f"input.canvases must name at least one canvas of positive size, got {values!r}")
+  return out
+
+
+def choose_canvas(size_hw: Sequence[int], canvas_list: Sequence[Sequence[int]]) -> tuple[int, int]:
+  """The canvas an image of (resized) size `size_hw` is padded to: the smallest by area that holds it, the first
+  listed on a tie (Detectron2's AspectRatioGroupedDataset groups by orientation; this groups by the canvas).
+
+  Raises ValueError naming the size and the canvases when none holds it.
+  """
+  h, w = (int(s) for s in size_hw)
+  fits = [(int(ch) * int(cw), i) for i, (ch, cw) in enumerate(canvas_list) if h <= int(ch) and w <= int(cw)]
+  if not fits:
+    listed = ", ".join(f"{int(ch)}x{int(cw)}" for ch, cw in canvas_list)
+    raise ValueError(f"an image resized to {h}x{w} (HxW) fits none of the canvases {listed} (input.canvases)")
+  ch, cw = canvas_list[min(fits)[1]]
+  return int(ch), int(cw)
+
+
+def eval_size(height: int, width: int, input_cfg) -> tuple[int, int]:
+  """(height, width) of an image of that size after the test-time resize of `input_cfg`."""
+  return output_size(height, width, input_cfg.min_size_test, input_cfg.max_size_test, input_cfg.resize_mode)
+
+
+def eval_canvas(height: int, width: int, input_cfg) -> tuple[int, int]:
+  """The canvas an image of original size (height, width) is evaluated on (`choose_canvas` of its test size)."""
+  return choose_canvas(eval_size(height, width, input_cfg), canvases(input_cfg))
+
+
+def train_canvas(height: int, width: int, input_cfg) -> tuple[int, int]:
+  """The canvas an image of original size (height, width) is trained on: the one that holds it at the largest
+  training scale (max of min_size_train), hence at every scale drawn; it depends on the image alone, so that
+  batches can be grouped by canvas before any image is read."""
+  size = output_size(height, width, int(np.max(input_cfg.min_size_train)), input_cfg.max_size_train,
+                     input_cfg.resize_mode)
+  return choose_canvas(size, canvases(input_cfg))
+
+
+def preprocess(image, input_cfg, canvas_hw: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Test-time input of one image: resize, normalize and pad, in the order of the config's framework.
 
   image: (H, W, 3) RGB, uint8 in 0..255 or float in [0, 1].
   input_cfg: ConfigDict-like with pixel_format, pixel_scale, pixel_mean, pixel_std, resize_mode ("torchvision" |
-    "detectron2"), min_size_test, max_size_test, canvas_hw.
+    "detectron2"), min_size_test, max_size_test, canvases.
+  canvas_hw: the canvas to pad to; None: the smallest of input_cfg.canvases that holds the image (`choose_canvas`).
   Returns:
     canvas: (canvas_h, canvas_w, 3) float32, the normalized resized image at the top left, zeros elsewhere.
     image_info: (6,) float32 [valid_h, valid_w, scale_h, scale_w, orig_h, orig_w], with scale = resized / original
@@ -285,6 +333,8 @@ def preprocess(image, input_cfg) -> tuple[np.ndarray, np.ndarray]:
     resized = resize_image(normalize_image(image, **norm), (new_h, new_w), mode)
   else:
     resized = normalize_image(resize_image(image, (new_h, new_w), mode), **norm)
-  canvas = pad_to_canvas(resized, input_cfg.canvas_hw)
+  if canvas_hw is None:
+    canvas_hw = choose_canvas((new_h, new_w), canvases(input_cfg))
+  canvas = pad_to_canvas(resized, canvas_hw)
   info = np.array([new_h, new_w, new_h / height, new_w / width, height, width], np.float32)
   return canvas, info

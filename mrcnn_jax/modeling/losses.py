@@ -39,16 +39,20 @@ def smooth_l1(x, beta: float):
 
 
 def rpn_targets(key, anchors, gt_boxes, gt_matchable, *, matcher: matching.Matcher, batch_size_per_image: int,
-                positive_fraction: float, box_weights):
+                positive_fraction: float, box_weights, anchor_valid=None):
   """Anchor labels, sampled anchors and regression targets of one image.
 
-  anchors: (N, 4); gt_boxes: (G, 4); gt_matchable: (G,) bool (valid and not crowd).
+  anchors: (N, 4); gt_boxes: (G, 4); gt_matchable: (G,) bool (valid and not crowd); anchor_valid: optional (N,)
+  bool, False for anchors outside the image's frame (`ops.frames`): they are neither positive nor negative, and
+  never the best match of a ground truth (low-quality matches), as if the image's grid ended at its frame.
   Returns sampled indices (S,) int32, sampled_valid (S,) bool, sampled_labels (S,) float32 in {0, 1},
   target deltas (S, 4) of the sampled anchors (meaningful where the label is 1), with S = batch_size_per_image.
   """
   quality = box_ops.box_iou(gt_boxes, anchors)
+  if anchor_valid is not None:
+    quality = jnp.where(anchor_valid[None, :], quality, -1.0)
   matches, labels = matcher(quality, gt_matchable)
-  idx, valid = matching.sample_balanced(key, labels, batch_size_per_image, positive_fraction)
+  idx, valid = matching.sample_balanced(key, labels, batch_size_per_image, positive_fraction, valid=anchor_valid)
   sampled_labels = (labels[idx] == 1).astype(jnp.float32)
   deltas = box_ops.encode_boxes(gt_boxes[matches[idx]], anchors[idx], box_weights)
   return idx, valid, sampled_labels, deltas

@@ -16,12 +16,14 @@ Variables: `params` (everything trained) and `batch_stats` (frozen / running nor
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from mrcnn_jax.data import transforms
 from mrcnn_jax.modeling import losses as loss_fns
 from mrcnn_jax.modeling.box_head import BoxHead, detect
 from mrcnn_jax.modeling.fpn import FPN
@@ -30,6 +32,7 @@ from mrcnn_jax.modeling.mask_head import MaskHead, select_class_masks
 from mrcnn_jax.modeling.resnet import ResNet
 from mrcnn_jax.modeling.rpn import RPNHead, generate_proposals
 from mrcnn_jax.ops import anchors as anchor_ops
+from mrcnn_jax.ops import frames as frame_ops
 from mrcnn_jax.ops import matching
 from mrcnn_jax.ops import roi_align as roi_ops
 
@@ -43,16 +46,18 @@ def compute_dtype(model_cfg):
     raise ValueError(f"model.compute_dtype {model_cfg.compute_dtype!r} is not one of {sorted(_DTYPES)}") from None
 
 
-@functools.lru_cache(maxsize=16)
-def _anchors(image_hw, strides, sizes, aspect_ratios, offset, convention):
-  return tuple(anchor_ops.generate_anchors(image_hw, strides, sizes, aspect_ratios, offset, convention))
-
-
 class MaskRCNN(nn.Module):
-  """The model of a config's `model` section (see configs/mask_rcnn_R50_FPN_1x.py for the fields)."""
+  """The model of a config's `model` section (see configs/mask_rcnn_R50_FPN_1x.py for the fields).
+
+  Every image is computed inside its own frame (`ops.frames`): its valid size from image_info rounded up to
+  `model.size_divisibility`. So its outputs do not depend on the canvas it is padded to, nor on its batch mates.
+  max_canvas_side: the longest canvas side of the config (`build_model` sets it from `input.canvases`), which bounds
+  the adaptive RoIAlign's samples per bin (`sampling_bound`); 0 takes this program's canvas.
+  """
 
   config: object  # ml_collections.ConfigDict (model section); read-only here
   train: bool = False
+  max_canvas_side: int = 0
 
   def setup(self):
     cfg = self.config
@@ -74,56 +79,74 @@ class MaskRCNN(nn.Module):
 
   # -- pieces -------------------------------------------------------------------------------------------------------
 
-  def features(self, images):
-    """images (B, H, W, 3) -> {2..6: (B, H/2**l, W/2**l, C)} FPN features."""
-    return self.fpn(self.backbone(images))
+  def frames(self, image_info):
+    """(B, 6) image_info -> (B, 2) int32: each image's frame, its valid size rounded up to size_divisibility."""
+    return frame_ops.image_frames(image_info[:, :2], self.config.size_divisibility)
 
-  def anchors(self, image_hw):
+  def features(self, images, frames=None):
+    """images (B, H, W, 3), frames (B, 2) int32 or None (the whole canvas) -> {2..6: (B, H/2**l, W/2**l, C)}."""
+    return self.fpn(self.backbone(images, frames), frames)
+
+  def _levels(self):
+    return range(self.config.fpn.min_level, self.config.fpn.max_level + 1)
+
+  def anchors(self, canvas_hw, frames):
+    """Each image's anchors on the canvas and which lie in its frame: lists over levels of (B, N_l, 4), (B, N_l)."""
     a = self.config.anchors
-    levels = range(self.config.fpn.min_level, self.config.fpn.max_level + 1)
-    return _anchors(tuple(image_hw), tuple(2**l for l in levels), tuple(tuple(s) for s in a.sizes),
-                    tuple(a.aspect_ratios), float(a.offset), a.convention)
+    return anchor_ops.frame_anchors(tuple(canvas_hw), frames, tuple(2**l for l in self._levels()),
+                                    tuple(tuple(s) for s in a.sizes), tuple(a.aspect_ratios), float(a.offset),
+                                    a.convention)
 
-  def pool(self, feats, boxes, resolution: int):
-    """Multi-level RoIAlign over P2..P5. boxes (B, R, 4) -> (B, R, res, res, C)."""
+  def rpn_outputs(self, feats, frames):
+    """RPN logits and deltas, lists over levels of (B, N_l) and (B, N_l, 4)."""
+    levels = self._levels()
+    return self.rpn([feats[l] for l in levels], frames, [2**l for l in levels])
+
+  def pool(self, feats, boxes, resolution: int, frames=None):
+    """Multi-level RoIAlign over the pooler's levels (P2..P5). boxes (B, R, 4) -> (B, R, res, res, C)."""
     p = self.config.pooler
-    levels = [feats[l] for l in range(self.config.fpn.min_level, 6)]
+    min_level = self.config.fpn.min_level
+    levels = [feats[l] for l in range(min_level, p.max_level + 1)]
+    canvas_side = max(feats[min_level].shape[1:3]) * 2**min_level
+    bound = sampling_bound(self.config, resolution, self.max_canvas_side or canvas_side)
     return roi_ops.multilevel_roi_align(
-        levels, boxes, resolution, p.sampling_ratio, p.aligned, self.config.fpn.min_level, p.canonical_size,
-        p.canonical_level, level_convention=p.level_convention, max_sampling_ratio=p.max_sampling_ratio,
-        impl=p.impl)
+        levels, boxes, resolution, p.sampling_ratio, p.aligned, min_level, p.canonical_size,
+        p.canonical_level, level_convention=p.level_convention, max_sampling_ratio=bound, impl=p.impl,
+        frames=frames)
 
-  def proposals(self, feats, image_hw, canvas_hw):
+  def proposals(self, feats, image_hw, canvas_hw, frames=None):
     """RPN proposals at test time: boxes (B, P, 4), scores (B, P), valid (B, P)."""
     cfg = self.config.rpn
-    levels = range(self.config.fpn.min_level, self.config.fpn.max_level + 1)
-    logits, deltas = self.rpn([feats[l] for l in levels])
-    anchors = self.anchors(canvas_hw)
+    if frames is None:
+      frames = jnp.broadcast_to(jnp.asarray(canvas_hw, jnp.int32), (image_hw.shape[0], 2))
+    logits, deltas = self.rpn_outputs(feats, frames)
+    anchors, anchor_valid = self.anchors(canvas_hw, frames)
     return generate_proposals(
         logits, deltas, anchors, image_hw,
         pre_nms_topk=cfg.pre_nms_topk_train if self.train else cfg.pre_nms_topk_test,
         post_nms_topk=cfg.post_nms_topk_train if self.train else cfg.post_nms_topk_test,
         nms_thresh=cfg.nms_thresh, min_size=cfg.min_size, score_thresh=cfg.score_thresh,
-        box_weights=tuple(cfg.box_weights), sigmoid_scores=self.config.anchors.convention == "torchvision")
+        box_weights=tuple(cfg.box_weights), sigmoid_scores=cfg.sigmoid_scores, anchor_valid=anchor_valid)
 
   # -- inference ----------------------------------------------------------------------------------------------------
 
   def infer(self, images, image_info):
     cfg = self.config
     image_hw = image_info[:, :2]
-    feats = self.features(images)
-    boxes, _, valid = self.proposals(feats, image_hw, images.shape[1:3])
-    logits, deltas = self.box_head(self.pool(feats, boxes, cfg.pooler.box_resolution))
+    frames = self.frames(image_info)
+    feats = self.features(images, frames)
+    boxes, _, valid = self.proposals(feats, image_hw, images.shape[1:3], frames)
+    logits, deltas = self.box_head(self.pool(feats, boxes, cfg.pooler.box_resolution, frames))
     rh = cfg.roi_heads
     out = detect(logits, deltas, boxes, valid, image_hw, score_thresh=rh.score_thresh_test,
                  nms_thresh=rh.nms_thresh_test, detections_per_image=rh.detections_per_image,
                  min_box_size=rh.min_box_size_test, box_weights=tuple(rh.box_weights))
     out["proposals"], out["proposal_valid"] = boxes, valid
     if cfg.mask_head.enabled:
-      mask_logits = self.mask_head(self.pool(feats, out["boxes"], cfg.pooler.mask_resolution))
+      mask_logits = self.mask_head(self.pool(feats, out["boxes"], cfg.pooler.mask_resolution, frames))
       out["masks"] = select_class_masks(mask_logits, out["classes"])
     if cfg.keypoint_head.enabled:
-      heatmaps = self.keypoint_head(self.pool(feats, out["boxes"], cfg.pooler.keypoint_resolution))
+      heatmaps = self.keypoint_head(self.pool(feats, out["boxes"], cfg.pooler.keypoint_resolution, frames))
       out["keypoints"] = heatmaps_to_keypoints(heatmaps, out["boxes"])
     return out
 
@@ -139,19 +162,20 @@ class MaskRCNN(nn.Module):
     gt_boxes = batch["gt_boxes"]
     matchable = batch["gt_valid"] & ~batch["gt_is_crowd"]
     rpn_key, roi_key = jax.random.split(key)
-    feats = self.features(images)
+    frames = self.frames(batch["image_info"])
+    feats = self.features(images, frames)
 
-    # RPN: targets for every anchor of every level at once.
+    # RPN: targets for every anchor of every level at once; anchors outside an image's frame take no part.
     r = cfg.rpn
-    levels = range(cfg.fpn.min_level, cfg.fpn.max_level + 1)
-    logits, deltas = self.rpn([feats[l] for l in levels])
-    level_anchors = self.anchors(images.shape[1:3])
-    anchors = jnp.asarray(np.concatenate(level_anchors, axis=0))
+    logits, deltas = self.rpn_outputs(feats, frames)
+    level_anchors, level_valid = self.anchors(images.shape[1:3], frames)
+    anchors = jnp.concatenate(level_anchors, axis=1)
+    anchor_valid = jnp.concatenate(level_valid, axis=1)
     matcher = matching.Matcher(tuple(r.iou_thresholds), tuple(r.iou_labels), True)
-    targets = jax.vmap(lambda k, g, m: loss_fns.rpn_targets(
-        k, anchors, g, m, matcher=matcher, batch_size_per_image=r.batch_size_per_image,
-        positive_fraction=r.positive_fraction, box_weights=tuple(r.box_weights)))(
-            jax.random.split(rpn_key, b), gt_boxes, matchable)
+    targets = jax.vmap(lambda k, a, v, g, m: loss_fns.rpn_targets(
+        k, a, g, m, matcher=matcher, batch_size_per_image=r.batch_size_per_image,
+        positive_fraction=r.positive_fraction, box_weights=tuple(r.box_weights), anchor_valid=v))(
+            jax.random.split(rpn_key, b), anchors, anchor_valid, gt_boxes, matchable)
     beta = r.smooth_l1_beta if r.loss_type == "smooth_l1" else 0.0
     out = loss_fns.rpn_losses(jnp.concatenate(logits, axis=1), jnp.concatenate(deltas, axis=1), *targets,
                               batch_size_per_image=r.batch_size_per_image, smooth_l1_beta=beta,
@@ -162,7 +186,7 @@ class MaskRCNN(nn.Module):
         [jax.lax.stop_gradient(x) for x in logits], [jax.lax.stop_gradient(x) for x in deltas], level_anchors,
         image_hw, pre_nms_topk=r.pre_nms_topk_train, post_nms_topk=r.post_nms_topk_train, nms_thresh=r.nms_thresh,
         min_size=r.min_size, score_thresh=r.score_thresh, box_weights=tuple(r.box_weights),
-        sigmoid_scores=cfg.anchors.convention == "torchvision")
+        sigmoid_scores=r.sigmoid_scores, anchor_valid=level_valid)
 
     # Box head on sampled RoIs.
     rh = cfg.roi_heads
@@ -171,7 +195,7 @@ class MaskRCNN(nn.Module):
         positive_fraction=rh.positive_fraction, append_gt=rh.proposal_append_gt,
         box_weights=tuple(rh.box_weights)))(
             jax.random.split(roi_key, b), proposals, proposal_valid, gt_boxes, batch["gt_classes"], matchable)
-    cls_logits, box_deltas = self.box_head(self.pool(feats, samples["rois"], cfg.pooler.box_resolution))
+    cls_logits, box_deltas = self.box_head(self.pool(feats, samples["rois"], cfg.pooler.box_resolution, frames))
     out.update(loss_fns.fast_rcnn_losses(cls_logits, box_deltas, samples, smooth_l1_beta=rh.smooth_l1_beta))
 
     # Mask and keypoint heads on the foreground RoIs, which `sample_rois` puts in the first slots: at most f per
@@ -181,7 +205,7 @@ class MaskRCNN(nn.Module):
     if cfg.mask_head.enabled or cfg.keypoint_head.enabled:
       f = int(rh.batch_size_per_image * rh.positive_fraction)
       caps = foreground_caps(f, rh.foreground_buckets)
-      branches = [functools.partial(_foreground_head_losses, cap=c) for c in caps]
+      branches = [functools.partial(_foreground_head_losses, cap=c, frames=frames) for c in caps]
       num_fg = jnp.max(jnp.sum(samples["valid"][:, :f] & (samples["classes"][:, :f] > 0), axis=1, dtype=jnp.int32))
       self.sow("intermediates", "max_foreground_rois", num_fg)  # kept only when the caller asks (mutable)
       if len(caps) == 1:
@@ -202,28 +226,60 @@ def foreground_caps(max_foreground: int, buckets) -> tuple[int, ...]:
   return tuple(b for b in buckets if b < max_foreground) + (max_foreground,)
 
 
-def _foreground_head_losses(model, feats, samples, batch, *, cap: int):
+def _foreground_head_losses(model, feats, samples, batch, *, cap: int, frames):
   """loss_mask and/or loss_keypoint of the first `cap` RoI slots of each image, which must hold all its foreground."""
   cfg = model.config
   fg = {k: v[:, :cap] for k, v in samples.items()}
   foreground = fg["valid"] & (fg["classes"] > 0)
   out = {}
   if cfg.mask_head.enabled:
-    mask_logits = model.mask_head(model.pool(feats, fg["rois"], cfg.pooler.mask_resolution))
+    mask_logits = model.mask_head(model.pool(feats, fg["rois"], cfg.pooler.mask_resolution, frames))
     out.update(loss_fns.mask_loss(mask_logits, fg["rois"], fg["classes"], fg["matched"], foreground,
                                   batch["gt_masks"], batch["gt_boxes"], convention=cfg.loss_convention))
   # Keypoint head on the same foreground RoIs, each with its matched instance's keypoints.
   if cfg.keypoint_head.enabled:
-    heatmaps = model.keypoint_head(model.pool(feats, fg["rois"], cfg.pooler.keypoint_resolution))
+    heatmaps = model.keypoint_head(model.pool(feats, fg["rois"], cfg.pooler.keypoint_resolution, frames))
     keypoints = jnp.take_along_axis(batch["gt_keypoints"], fg["matched"][..., None, None], axis=1)
     targets, valid = loss_fns.keypoint_targets(keypoints, fg["rois"], heatmaps.shape[2])
     out.update(loss_fns.keypoint_loss(heatmaps, targets, valid & foreground[..., None]))
   return out
 
 
+def sampling_bound(model_cfg, resolution: int, max_canvas_side: int) -> int:
+  """The static bound of RoIAlign's samples per bin and axis: `pooler.max_sampling_ratio` when set, else (the
+  adaptive form, sampling_ratio <= 0) what the largest RoI of the top pooling level needs on the largest canvas,
+  ceil(max_canvas_side / 2**pooler.max_level / resolution): 6 for a 7x7 box head and 3 for 14x14 masks on a
+  1344-pixel canvas. Every RoI needing at most that many samples per axis is pooled exactly; a longer one (an
+  elongated box assigned to a lower level) with that many evenly spaced samples. Fixed sampling ratios are exact.
+  """
+  p = model_cfg.pooler
+  if p.sampling_ratio > 0:
+    return int(p.sampling_ratio)
+  if p.max_sampling_ratio:
+    return int(p.max_sampling_ratio)
+  return max(1, math.ceil(max_canvas_side / 2**p.max_level / resolution))
+
+
+def max_canvas_side(config) -> int:
+  """The longest side of the config's canvases (`input.canvases`), which must be multiples of
+  model.size_divisibility (ValueError naming both otherwise)."""
+  d = int(config.model.size_divisibility)
+  canvas_list = transforms.canvases(config.input)
+  odd = [f"{h}x{w}" for h, w in canvas_list if h % d or w % d]
+  if odd:
+    raise ValueError(f"input.canvases {', '.join(odd)} are not multiples of model.size_divisibility {d}")
+  return max(max(hw) for hw in canvas_list)
+
+
+def build_model(config, *, train: bool = False) -> MaskRCNN:
+  """The MaskRCNN of a whole config (its `model` section, and the canvases that bound its adaptive RoIAlign)."""
+  return MaskRCNN(config.model, train=train, max_canvas_side=max_canvas_side(config))
+
+
 def build_infer(config):
-  """A jitted `infer(variables, images, image_info) -> dict` for `config` (the whole ConfigDict)."""
-  model = MaskRCNN(config.model)
+  """A jitted `infer(variables, images, image_info) -> dict` for `config` (the whole ConfigDict). It compiles once per
+  canvas (images shape) it is called with."""
+  model = build_model(config)
 
   @jax.jit
   def infer(variables, images, image_info):
@@ -234,7 +290,7 @@ def build_infer(config):
 
 def init_variables(config, key, canvas_hw=(128, 128)):
   """Randomly initialized variables of the config's model (shapes do not depend on canvas_hw)."""
-  model = MaskRCNN(config.model)
+  model = build_model(config)
   images = jnp.zeros((1,) + tuple(canvas_hw) + (3,), jnp.float32)
   info = jnp.asarray(np.array([[canvas_hw[0], canvas_hw[1], 1, 1, canvas_hw[0], canvas_hw[1]]], np.float32))
   return jax.jit(functools.partial(model.init, method=MaskRCNN.infer))(key, images, info)

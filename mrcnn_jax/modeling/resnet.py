@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from mrcnn_jax.modeling import layers
+from mrcnn_jax.ops import frames as frame_ops
 
 STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 BOTTLENECK_DEPTHS = (50, 101)  # 18 and 34 use basic blocks (two 3x3 convs), for small and fast models
@@ -28,7 +29,8 @@ class Bottleneck(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, frames=None, stride_in: int = 1):
+    """x (B, H, W, C) at stride `stride_in` of the image; frames: (B, 2) int32 or None (see `ResNet`)."""
     out_features = 4 * self.width
     s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
     norm = lambda name: layers.make_norm(self.norm, train=self.train, eps=self.norm_eps, name=name, dtype=self.dtype)  # noqa: E731
@@ -39,6 +41,7 @@ class Bottleneck(nn.Module):
       shortcut = norm("shortcut_norm")(shortcut)
     y = layers.conv(self.width, 1, stride=s1, use_bias=False, name="conv1", dtype=self.dtype)(x)
     y = nn.relu(norm("norm1")(y))
+    y = frame_ops.mask_to_frame(y, frames, stride_in * s1)  # the 3x3 conv reads zeros past the frame
     y = layers.conv(self.width, 3, stride=s3, use_bias=False, name="conv2", dtype=self.dtype)(y)
     y = nn.relu(norm("norm2")(y))
     y = layers.conv(out_features, 1, use_bias=False, name="conv3", dtype=self.dtype)(y)
@@ -57,15 +60,18 @@ class BasicBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, frames=None, stride_in: int = 1):
+    """x (B, H, W, C) at stride `stride_in` of the image; frames: (B, 2) int32 or None (see `ResNet`)."""
     norm = lambda name: layers.make_norm(self.norm, train=self.train, eps=self.norm_eps, name=name, dtype=self.dtype)  # noqa: E731
     shortcut = x
+    x = frame_ops.mask_to_frame(x, frames, stride_in)
     if x.shape[-1] != self.width or self.stride != 1:
       shortcut = layers.conv(self.width, 1, stride=self.stride, use_bias=False, name="shortcut_conv",
                              dtype=self.dtype)(x)
       shortcut = norm("shortcut_norm")(shortcut)
     y = layers.conv(self.width, 3, stride=self.stride, use_bias=False, name="conv1", dtype=self.dtype)(x)
     y = nn.relu(norm("norm1")(y))
+    y = frame_ops.mask_to_frame(y, frames, stride_in * self.stride)
     y = layers.conv(self.width, 3, use_bias=False, name="conv2", dtype=self.dtype)(y)
     return nn.relu(norm("norm2")(y) + shortcut)
 
@@ -75,6 +81,10 @@ class ResNet(nn.Module):
 
   Channels: 256, 512, 1024, 2048 for ResNet-50/101 (bottlenecks); 64, 128, 256, 512 for ResNet-18/34 (basic
   blocks); all scaled by width / 64.
+
+  frames: optional (B, 2) int32 frame of each image (`ops.frames`). Every spatial convolution and the stem's max
+  pool then read zeros outside the frame, so that the features inside it are those of the image padded to its
+  frame alone; outside it the outputs are not meaningful. None: the canvas is every image's frame.
   """
 
   depth: int = 50
@@ -87,13 +97,14 @@ class ResNet(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, frames=None):
     if self.depth not in STAGE_BLOCKS:
       raise ValueError(f"ResNet depth {self.depth} is not supported; expected one of {sorted(STAGE_BLOCKS)}")
-    x = x.astype(self.dtype)
+    x = frame_ops.mask_to_frame(x.astype(self.dtype), frames, 1)
     x = layers.conv(self.width, 7, stride=2, use_bias=False, name="stem_conv", dtype=self.dtype)(x)
     x = layers.make_norm(self.norm, train=self.train, eps=self.norm_eps, name="stem_norm", dtype=self.dtype)(x)
-    x = layers.max_pool(nn.relu(x), 3, 2, 1)
+    # After the ReLU every value is >= 0, so zeros past the frame pool like torch's -inf padding.
+    x = layers.max_pool(frame_ops.mask_to_frame(nn.relu(x), frames, 2), 3, 2, 1)
     if self.freeze_at >= 1:
       x = jax.lax.stop_gradient(x)
     outputs = {}
@@ -107,7 +118,7 @@ class ResNet(nn.Module):
                              name=f"res{level}_{i}")
         else:
           block = BasicBlock(width, stride, self.norm, self.norm_eps, self.train, self.dtype, name=f"res{level}_{i}")
-        x = block(x)
+        x = block(x, frames, 2 ** (level - 1) if (i == 0 and level > 2) else 2 ** level)
       if self.freeze_at >= level:
         x = jax.lax.stop_gradient(x)
       outputs[level] = x

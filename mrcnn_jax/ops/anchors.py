@@ -1,7 +1,9 @@
-"""FPN anchors for one padded image shape.
+"""FPN anchors: for one padded image shape (numpy, `generate_anchors`) and per image on a canvas (`frame_anchors`).
 
-Anchors depend only on the (static) padded image shape, so they are computed once on the host with numpy and enter
-the jitted program as constants. Two conventions are supported, because pretrained weights were trained against one
+The anchors of a padded image depend only on its (static) shape, so `generate_anchors` computes them on the host
+with numpy. On a canvas shared by images of different sizes, each image's anchors are those `generate_anchors` gives
+for its own frame (`ops.frames`), laid out on the canvas's grid: `frame_anchors` computes them inside the program,
+with a validity mask for the cells outside the frame. Two conventions are supported, because pretrained weights were trained against one
 of them and a converted RPN only reproduces its proposals with the anchors it was trained with:
 
 - "detectron2" (`DefaultAnchorGenerator`): exact (unrounded) cell anchors, sizes outer and aspect ratios inner;
@@ -19,7 +21,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 import numpy as np
+
+from mrcnn_jax.ops import frames as frame_ops
 
 CONVENTIONS = ("detectron2", "torchvision")
 
@@ -191,3 +196,57 @@ def generate_anchors(
     shifts_x = (start * stride_hw[1] + np.arange(grid_hw[1], dtype=np.float64) * stride_hw[1]).astype(np.float32)
     anchors.append(_grid_anchors(cell, grid_hw, shifts_y, shifts_x))
   return anchors
+
+
+def frame_anchors(
+    canvas_hw: Sequence[int],
+    frames,
+    strides: Sequence[int],
+    sizes: Sequence[Sequence[float]],
+    aspect_ratios: Sequence[float] | Sequence[Sequence[float]],
+    offset: float = 0.0,
+    convention: str = "detectron2",
+):
+  """Each image's anchors on a shared canvas: those of `generate_anchors(frame)` on the canvas's grid, in-program.
+
+  Args:
+    canvas_hw: (H, W) of the padded batch (static).
+    frames: (B, 2) int32 frame of each image (`ops.frames.image_frames`), each at most the canvas.
+    strides, sizes, aspect_ratios, offset, convention: as in `generate_anchors`.
+
+  Returns:
+    (anchors, valid): per level, anchors (B, H_l * W_l * A_l, 4) float32 XYXY and valid (B, H_l * W_l * A_l) bool,
+    in the canvas grid's layout (y, x, cell anchor). The anchors of cells inside an image's frame (the first
+    ceil(frame / stride) rows and columns) are exactly `generate_anchors(frame)`'s, in the same order; the other
+    cells are marked invalid. "detectron2" anchors do not depend on the frame; "torchvision" ones do through the
+    stride it infers, frame // grid (61 px for P6 on an 800-pixel side, 64 on a 1088 one).
+  """
+  if convention not in CONVENTIONS:
+    raise ValueError(f"unknown anchor convention {convention!r}; expected one of {CONVENTIONS}")
+  num_levels = len(strides)
+  sizes = _per_level("sizes", sizes, num_levels, allow_flat=False)
+  aspect_ratios = _per_level("aspect_ratios", aspect_ratios, num_levels, allow_flat=True)
+  frames = jnp.asarray(frames, jnp.int32)
+  b = frames.shape[0]
+  anchors, valid = [], []
+  for stride, size, ratios in zip(strides, sizes, aspect_ratios):
+    grid_hw = feature_shape(canvas_hw, stride)
+    inside = frame_ops.inside_frame(frames, stride, grid_hw)  # (B, H_l, W_l)
+    if convention == "detectron2":
+      cell = _cell_anchors_detectron2(size, ratios)
+      level = generate_anchors(canvas_hw, (stride,), (size,), (ratios,), offset, convention, (grid_hw,))[0]
+      level = jnp.broadcast_to(jnp.asarray(level), (b,) + level.shape)
+    else:
+      cell = jnp.asarray(_cell_anchors_torchvision(size, ratios))
+      # torchvision's AnchorGenerator: integer strides frame // grid, integer shifts index * stride, then + cell.
+      step = frames // frame_ops.frame_extent(frames, stride)  # (B, 2)
+      ys = jnp.arange(grid_hw[0], dtype=jnp.int32)[None, :] * step[:, 0, None]  # (B, H_l)
+      xs = jnp.arange(grid_hw[1], dtype=jnp.int32)[None, :] * step[:, 1, None]  # (B, W_l)
+      sy = jnp.broadcast_to(ys[:, :, None], (b,) + grid_hw).astype(jnp.float32)
+      sx = jnp.broadcast_to(xs[:, None, :], (b,) + grid_hw).astype(jnp.float32)
+      shifts = jnp.stack([sx, sy, sx, sy], axis=-1).reshape(b, -1, 1, 4)
+      level = (shifts + cell[None, None]).reshape(b, -1, 4)
+    a = cell.shape[0]
+    anchors.append(level)
+    valid.append(jnp.repeat(inside.reshape(b, -1), a, axis=1))
+  return anchors, valid

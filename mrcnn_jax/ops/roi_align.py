@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 
 from mrcnn_jax.kernels import roi_align as _kernel
+from mrcnn_jax.ops import frames as frame_ops
 
 weighted_gather = _kernel.weighted_gather
 
@@ -221,6 +222,7 @@ def multilevel_roi_align(
     level_convention: str = "detectron2",
     max_sampling_ratio: int = DEFAULT_MAX_SAMPLING_RATIO,
     impl: str | None = None,
+    frames=None,
 ):
   """RoIAlign over FPN levels: each box pools from the level `assign_fpn_levels` gives it, and only from it.
 
@@ -228,6 +230,8 @@ def multilevel_roi_align(
     features: list of (B, H_l, W_l, C) for levels min_level, min_level+1, ...; level l has stride 2**l.
     boxes: (B, R, 4) XYXY float32 in input-image pixels.
     level_convention: how boxes on a level boundary are assigned (`assign_fpn_levels`'s convention).
+    frames: optional (B, 2) int32 frame of each image (`ops.frames`): samples are clamped to the frame's extent at
+      each level (the feature map the image would have alone) instead of the canvas's; None: the whole map.
     Others as in `roi_align`.
 
   Returns:
@@ -250,8 +254,13 @@ def multilevel_roi_align(
   scales = jnp.array([2.0 ** -(min_level + i) for i in range(num_levels)], jnp.float32)
   h_r, w_r = heights[level], widths[level]
   image = jnp.repeat(jnp.arange(b, dtype=jnp.int32), r)
+  extent_hw = (h_r, w_r)
+  if frames is not None:
+    # (B, L, 2) rows and columns inside each image's frame per level, then per RoI.
+    extents = jnp.stack([frame_ops.frame_extent(frames, 2 ** (min_level + i)) for i in range(num_levels)], axis=1)
+    extent_hw = (extents[image, level, 0], extents[image, level, 1])
   ys, wy, xs, wx = roi_sample_points(
-      flat_boxes, (oh, ow), scales[level], sampling_ratio, aligned, (h_r, w_r),
+      flat_boxes, (oh, ow), scales[level], sampling_ratio, aligned, extent_hw,
       max_sampling_ratio=max_sampling_ratio)
   base = starts[level] + image * h_r * w_r
   idx, weights = combine_sample_points(ys, wy, xs, wx, w_r, base)

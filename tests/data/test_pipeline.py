@@ -26,7 +26,7 @@ def _input_cfg(**overrides) -> ml_collections.ConfigDict:
   """The R50-FPN config's input fields, shrunk to 128 x 128 canvases, with `overrides`."""
   fields = load_config("mask_rcnn_R50_FPN_1x").input.to_dict()
   fields.update(min_size_train=(64, 96), max_size_train=128, min_size_test=64, max_size_test=128,
-                canvas_hw=(128, 128), max_instances=4, gt_mask_size=MASK_SIZE)
+                canvases=((128, 128),), max_instances=4, gt_mask_size=MASK_SIZE)
   fields.update(overrides)
   return ml_collections.ConfigDict(fields)
 
@@ -340,6 +340,62 @@ def test_checkpoint_restore_continues_with_the_same_batches(workers):
   _assert_batches_equal(straight[3:], _take(it2, 3))
 
 
+# Landscape and portrait canvases, for the grouping tests: a 64 x 112 image resized to short side 64 or 96 (max 128)
+# is at most 73 x 128, so it goes to the landscape canvas at every scale; its transpose to the portrait one.
+ORIENTED = dict(canvases=((96, 128), (128, 96)))
+
+
+def _oriented_source(num_images=12, seed=0) -> FakeSource:
+  """Images alternately landscape (64 x 112) and portrait (112 x 64), each with one box, ids 100, 101, ..."""
+  rng = np.random.default_rng(seed)
+  records, images = [], {}
+  for i in range(num_images):
+    hw = (64, 112) if i % 3 else (112, 64)
+    record = _record(100 + i, hw, [[4, 4, 40, 40]], masks=[_rle(_rect_mask(hw, [4, 4, 40, 40]))])
+    records.append(record)
+    images[record.file_name] = rng.integers(0, 256, size=hw + (3,), dtype=np.uint8)
+  return FakeSource(records, images)
+
+
+def test_batches_are_grouped_by_canvas():
+  """Each batch holds images of one canvas only (its images' shape), the canvas that holds each image; every
+  image comes once per epoch apart from what a group carries over to the next."""
+  source = _oriented_source(12)
+  portrait = {r.image_id for r in source.records if r.height > r.width}
+  batches = _take(iter(_loader(source, batch=2, **ORIENTED)), 12)
+  shapes = set()
+  for b in batches:
+    shapes.add(b["image"].shape[1:3])
+    tall = {int(i) in portrait for i in b["image_id"]}
+    assert len(tall) == 1 and b["image"].shape[1:3] == ((128, 96) if tall.pop() else (96, 128))
+  assert shapes == {(96, 128), (128, 96)}
+  # The plan, the oracle: epoch e's permutation of default_rng([seed, e]) queued by canvas, batches in fill order.
+  order = np.random.default_rng([0, 0]).permutation(12)
+  queues, expected = {True: [], False: []}, []
+  for index in order:
+    tall = source.records[index].height > source.records[index].width
+    queues[tall].append(100 + int(index))
+    if len(queues[tall]) == 2:
+      expected.append(queues[tall])
+      queues[tall] = []
+  got = [[int(i) for i in b["image_id"]] for b in batches[:len(expected)]]
+  assert got == expected
+
+
+def test_all_shards_agree_on_every_steps_canvas_and_the_worker_count_does_not_matter():
+  source = _oriented_source(12)
+  shards = [_take(iter(_loader(source, batch=4, shard=(s, 2), **ORIENTED)), 8) for s in range(2)]
+  assert [b["image"].shape for b in shards[0]] == [b["image"].shape for b in shards[1]]
+  with_workers = _take(iter(_loader(source, batch=4, shard=(1, 2), workers=2, **ORIENTED)), 8)
+  _assert_batches_equal(shards[1], with_workers)
+
+
+def test_an_image_that_fits_no_canvas_fails_before_training_naming_it():
+  source = _oriented_source(3)
+  with pytest.raises(ValueError, match=r"1 images fit none of the canvases.*img_100.png \(112x64\)"):
+    _loader(source, batch=2, canvases=((96, 128),))
+
+
 def test_loader_rejects_a_batch_that_does_not_split_over_processes():
   with pytest.raises(ValueError, match="multiple of the number of processes"):
     _loader(_make_source(2), batch=3, shard=(0, 2))
@@ -369,6 +425,20 @@ def test_eval_batches_cover_every_image_once_with_padding():
   assert len(shards[0]) == len(shards[1]) == 2
   valid_ids = [int(i) for batches in shards for b in batches for i in b["image_id"][b["valid"]]]
   assert sorted(valid_ids) == list(range(100, 105))
+
+
+def test_eval_batches_are_grouped_by_canvas_in_the_same_order_on_every_shard():
+  source = _oriented_source(7)
+  cfg = _input_cfg(**ORIENTED)
+  batches = list(pipeline.make_eval_batches(source, cfg, 2))
+  # Landscape group first (the canvases' order): ids 101, 102, 104, 105; then the portrait ones: 100, 103, 106.
+  assert [b["image"].shape[1:3] for b in batches] == [(96, 128)] * 2 + [(128, 96)] * 2
+  ids = [int(i) for b in batches for i, v in zip(b["image_id"], b["valid"]) if v]
+  assert ids == [101, 102, 104, 105, 100, 103, 106]
+  shards = [list(pipeline.make_eval_batches(source, cfg, 2, shard_index=s, shard_count=2)) for s in range(2)]
+  assert [b["image"].shape for b in shards[0]] == [b["image"].shape for b in shards[1]]
+  valid = sorted(int(i) for bs in shards for b in bs for i, v in zip(b["image_id"], b["valid"]) if v)
+  assert valid == list(range(100, 107))
 
 
 def test_eval_fails_on_a_missing_image_naming_it():

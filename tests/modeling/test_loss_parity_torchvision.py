@@ -20,6 +20,8 @@ torch = pytest.importorskip("torch", reason="torchvision is the parity oracle; i
 torchvision = pytest.importorskip("torchvision", reason="torchvision is the parity oracle")
 
 KEEP_ALL = 10**7
+# Two image sizes with the same frame (both round up to 320x448): see the first test.
+FRAME_SIZES = [(320, 426), (320, 448)]
 
 
 def _ellipses(rng, hw, n):
@@ -46,7 +48,10 @@ def test_losses_match_torchvision_train_mode(load_config):
       mod.eval()
   rng = np.random.default_rng(0)
   # Images already at the transform's size (scale 1): torchvision's resize of images and targets is the identity.
-  sizes = [(320, 426), (320, 480)]
+  # Both round up to the same 320x448 frame, the padded batch torchvision trains on: there every anchor of the batch
+  # is inside each image's frame, as in mrcnn_jax (which ignores anchors outside an image's frame; torchvision
+  # trains on them as negatives when a batch mate is larger).
+  sizes = FRAME_SIZES
   images, targets, gt = [], [], []
   for i, hw in enumerate(sizes):
     masks, boxes = _ellipses(rng, hw, 3 + i)
@@ -102,7 +107,7 @@ def test_keypoint_losses_match_torchvision_train_mode(load_config):
     if isinstance(mod, torch.nn.BatchNorm2d):
       mod.eval()
   rng = np.random.default_rng(1)
-  sizes = [(320, 426), (320, 480)]
+  sizes = FRAME_SIZES
   images, targets, gt = [], [], []
   for i, hw in enumerate(sizes):
     _, boxes = _ellipses(rng, hw, 2 + i)
