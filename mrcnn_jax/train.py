@@ -163,12 +163,6 @@ def make_optimizer(config) -> optax.GradientTransformation:
   )
 
 
-def global_norm(tree) -> jax.Array:
-  """() float32: the L2 norm of all leaves of `tree` together (written out: optax renamed its helper twice)."""
-  leaves = jax.tree.leaves(tree)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Train state.
 # --------------------------------------------------------------------------------------------------------------------
@@ -351,7 +345,7 @@ def train_step(state: TrainState, batch: dict, *, config, model: MaskRCNN) -> tu
     return losses["total_loss"], (losses, batch_stats)
 
   (total, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grad_norm = global_norm(grads)
+  grad_norm = optax.tree.norm(grads)  # the L2 norm of all leaves together (float32: params are)
   tx = make_optimizer(config)
   lr = learning_rate_schedule(config)(optax.tree_utils.tree_get(state.opt_state, "count"))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
