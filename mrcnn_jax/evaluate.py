@@ -59,6 +59,7 @@ from collections.abc import Iterable, Sequence
 
 import jax
 import numpy as np
+import tabulate
 from absl import flags
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -401,18 +402,9 @@ def format_table(metrics: dict[str, float]) -> str:
 
 
 def _pipe_table(headers: Sequence[str], rows: Sequence[Sequence], align: str) -> str:
-  """A markdown ("pipe") table as tabulate's "pipe" format draws it (columns at least 2 wider than their header);
-  floats with 3 decimals, missing cells of a short last row left blank."""
-  cells = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
-  cells = [row + [""] * (len(headers) - len(row)) for row in cells]
-  widths = [max([len(h) + 2] + [len(row[c]) for row in cells]) for c, h in enumerate(headers)]
-
-  def line(values):
-    pad = (lambda s, w: s.center(w)) if align == "center" else (lambda s, w: s.ljust(w))
-    return "| " + " | ".join(pad(v, w) for v, w in zip(values, widths)) + " |"
-
-  rule = "|" + "|".join((":" + "-" * w + ":") if align == "center" else (":" + "-" * (w + 1)) for w in widths) + "|"
-  return "\n".join([line(headers), rule] + [line(row) for row in cells])
+  """A GitHub ("pipe") table by tabulate, as Detectron2 draws it: floats with 3 decimals, every column aligned
+  `align`, missing cells of a short last row left blank."""
+  return tabulate.tabulate(rows, headers=headers, tablefmt="pipe", floatfmt=".3f", numalign=align, stralign=align)
 
 
 def write_json_atomic(path, obj) -> pathlib.Path:
