@@ -61,10 +61,11 @@ import jax
 import numpy as np
 import tabulate
 from absl import flags
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mrcnn_jax import atomic
+from mrcnn_jax.mesh import make_mesh
 from mrcnn_jax.predictor import Predictor, to_coco_results
 
 log = logging.getLogger(__name__)
@@ -464,8 +465,7 @@ def evaluate(config, variables, source, output_dir, *, batch_size: int | None = 
 
   from mrcnn_jax.data import pipeline  # pylint: disable=import-outside-toplevel
 
-  # Auto axes: shardings are given at the jit boundary (as the trainer's mesh; the default changed across JAX releases).
-  mesh = Mesh(np.asarray(devices), (_DATA_AXIS,), axis_types=(AxisType.Auto,))
+  mesh = make_mesh(devices, _DATA_AXIS)
   variables = jax.device_put(variables, NamedSharding(mesh, P()))  # the Predictor keeps arrays already placed
   predictor = Predictor(config, variables, infer_fn=infer_fn, batch_size=batch_size)
   category_ids = source.category_map.label_to_category_id if config.model.label_space == "contiguous" else None

@@ -31,9 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mrcnn_jax.mesh import make_mesh  # also train.make_mesh, for the step's callers
 from mrcnn_jax.modeling import mask_rcnn
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 
@@ -364,16 +365,8 @@ def train_step(state: TrainState, batch: dict, *, config, model: MaskRCNN) -> tu
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Mesh and the jitted step.
+# The jitted step (over `mrcnn_jax.mesh.make_mesh`'s mesh).
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def make_mesh(devices=None, data_axis: str = "data") -> Mesh:
-  """A 1-D data-parallel mesh over `devices` (default: all devices of all processes) with axis `data_axis`."""
-  devices = jax.devices() if devices is None else list(devices)
-  # Auto axes: shardings are given at the jit boundary and XLA propagates them (the default of explicit-sharding
-  # meshes changed across JAX releases, so say it).
-  return Mesh(np.asarray(devices), (data_axis,), axis_types=(AxisType.Auto,))
 
 
 def jit_train_step(config, model: MaskRCNN, mesh: Mesh, state_sharding=None, data_axis: str | None = None):
