@@ -1,7 +1,9 @@
 """The weighted gather at the heart of RoIAlign, as a Pallas kernel beside its XLA reference.
 
-`mrcnn_jax.ops.roi_align` turns boxes into, for every output bin, K table rows and K bilinear weights (see its
-docstring); what is left is the memory-bound part this module computes:
+Two modules share the name. This one, `mrcnn_jax.kernels.roi_align`, is the gather kernel only; the op and its
+public API (`roi_align`, `multilevel_roi_align`) are `mrcnn_jax.ops.roi_align`, which turns boxes into, for every
+output bin, K table rows and K bilinear weights (see its docstring); what is left is the memory-bound part this
+module computes:
 
     out[r, p, :] = sum_k weights[r, p, k] * table[idx[r, p, k], :]
 

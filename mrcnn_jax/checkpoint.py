@@ -43,17 +43,16 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import pathlib
-import shutil
 import signal
 import threading
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
+
+from mrcnn_jax import atomic
 
 FORMAT_VERSION = 1
 VARIABLES_DIR = "variables"
@@ -63,11 +62,6 @@ CHECKPOINTS_DIR = "checkpoints"
 STATE_ITEM, DATA_ITEM, CONFIG_ITEM = "state", "data_state", "config"
 
 log = logging.getLogger(__name__)
-
-
-def _move(src: pathlib.Path, dst: pathlib.Path) -> None:
-  """Rename a directory (atomic on one filesystem). A function of its own so that tests can simulate a failure."""
-  os.rename(src, dst)
 
 
 def _is_nonempty_dir(path: pathlib.Path) -> bool:
@@ -125,39 +119,16 @@ def save_variables(directory, variables: Mapping[str, Any], *, config=None, meta
 
   import orbax.checkpoint as ocp  # here, not at the top: importing the package should not pull in orbax
 
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  # A sibling, so that the final rename stays on one filesystem; hidden, so that nothing mistakes it for a run.
-  tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-  tmp.mkdir()
-  try:
+  def write(tmp: pathlib.Path) -> None:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(tmp / VARIABLES_DIR, host_variables)
-      ckptr.wait_until_finished()  # the save is asynchronous; the rename below must see it complete
+      ckptr.wait_until_finished()  # the save is asynchronous; the rename into place must see it complete
     if config_text is not None:
       (tmp / CONFIG_FILE).write_text(config_text + "\n")
     (tmp / METADATA_FILE).write_text(meta_text + "\n")
-    _commit(tmp, directory)
-  finally:
-    if tmp.exists():
-      shutil.rmtree(tmp, ignore_errors=True)
+
+  atomic.write_dir(directory, write)  # an existing directory is empty here, or to be overwritten
   return directory
-
-
-def _commit(tmp: pathlib.Path, directory: pathlib.Path) -> None:
-  """Rename the finished `tmp` to `directory`, moving an existing one aside first and back if the rename fails."""
-  if not directory.exists() or not _is_nonempty_dir(directory):
-    if directory.exists():
-      directory.rmdir()  # empty: nothing to keep, and rename onto a directory is not portable
-    _move(tmp, directory)
-    return
-  old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-  _move(directory, old)
-  try:
-    _move(tmp, directory)
-  except BaseException:
-    _move(old, directory)
-    raise
-  shutil.rmtree(old, ignore_errors=True)
 
 
 def _require_checkpoint(directory) -> pathlib.Path:

@@ -59,11 +59,13 @@ from collections.abc import Iterable, Sequence
 
 import jax
 import numpy as np
+import tabulate
 from absl import flags
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mrcnn_jax import atomic
+from mrcnn_jax.mesh import make_mesh
 from mrcnn_jax.predictor import Predictor, to_coco_results
 
 log = logging.getLogger(__name__)
@@ -401,18 +403,9 @@ def format_table(metrics: dict[str, float]) -> str:
 
 
 def _pipe_table(headers: Sequence[str], rows: Sequence[Sequence], align: str) -> str:
-  """A markdown ("pipe") table as tabulate's "pipe" format draws it (columns at least 2 wider than their header);
-  floats with 3 decimals, missing cells of a short last row left blank."""
-  cells = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
-  cells = [row + [""] * (len(headers) - len(row)) for row in cells]
-  widths = [max([len(h) + 2] + [len(row[c]) for row in cells]) for c, h in enumerate(headers)]
-
-  def line(values):
-    pad = (lambda s, w: s.center(w)) if align == "center" else (lambda s, w: s.ljust(w))
-    return "| " + " | ".join(pad(v, w) for v, w in zip(values, widths)) + " |"
-
-  rule = "|" + "|".join((":" + "-" * w + ":") if align == "center" else (":" + "-" * (w + 1)) for w in widths) + "|"
-  return "\n".join([line(headers), rule] + [line(row) for row in cells])
+  """A GitHub ("pipe") table by tabulate, as Detectron2 draws it: floats with 3 decimals, every column aligned
+  `align`, missing cells of a short last row left blank."""
+  return tabulate.tabulate(rows, headers=headers, tablefmt="pipe", floatfmt=".3f", numalign=align, stralign=align)
 
 
 def write_json_atomic(path, obj) -> pathlib.Path:
@@ -472,8 +465,7 @@ def evaluate(config, variables, source, output_dir, *, batch_size: int | None = 
 
   from mrcnn_jax.data import pipeline  # pylint: disable=import-outside-toplevel
 
-  # Auto axes: shardings are given at the jit boundary (as the trainer's mesh; the default changed across JAX releases).
-  mesh = Mesh(np.asarray(devices), (_DATA_AXIS,), axis_types=(AxisType.Auto,))
+  mesh = make_mesh(devices, _DATA_AXIS)
   variables = jax.device_put(variables, NamedSharding(mesh, P()))  # the Predictor keeps arrays already placed
   predictor = Predictor(config, variables, infer_fn=infer_fn, batch_size=batch_size)
   category_ids = source.category_map.label_to_category_id if config.model.label_space == "contiguous" else None

@@ -39,15 +39,14 @@ Serialization needs the `flatbuffers` package (jax imports it to serialize and d
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
 from jax import export as jax_export
+
+from mrcnn_jax import atomic
 
 FORMAT_VERSION = 1
 ARTIFACT_PATTERN = "inference_{}x{}.jax_exported"
@@ -90,27 +89,6 @@ def _config_dict(config) -> dict:
 
 def _shape_dtype(aval) -> dict:
   return {"shape": [int(d) for d in aval.shape], "dtype": str(np.dtype(aval.dtype))}
-
-
-def _commit(tmp: pathlib.Path, path: pathlib.Path, overwrite: bool) -> None:
-  """Rename the finished `tmp` directory to `path`; an existing `path` is renamed away first and deleted only once
-  the new one is in place (and put back if that fails)."""
-  if not path.exists():
-    os.rename(tmp, path)
-    return
-  if not overwrite:
-    raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-  old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-  os.rename(path, old)
-  try:
-    os.rename(tmp, path)
-  except BaseException:
-    os.rename(old, path)
-    raise
-  if old.is_dir():
-    shutil.rmtree(old)
-  else:
-    old.unlink()
 
 
 def export_inference(config, variables: Mapping, path, *, batch_size: int, platforms: Sequence[str] = ("cpu",),
@@ -179,19 +157,15 @@ def export_inference(config, variables: Mapping, path, *, batch_size: int, platf
   }
   manifest_text = json.dumps(manifest, indent=2)
 
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-  tmp.mkdir()
-  try:
+  def write(tmp: pathlib.Path) -> None:
     for name, data in serialized.items():
       (tmp / name).write_bytes(data)
     # Zip members named by index: names hold "/" and would read as folders to a zip tool; the manifest maps them.
     np.savez(tmp / WEIGHTS_FILE, **{f"{i:05d}": _storable(w) for i, w in enumerate(weights)})
     (tmp / MANIFEST_FILE).write_text(manifest_text)  # last: its presence marks a complete export
-    _commit(tmp, path, overwrite)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+
+  if not atomic.write_dir(path, write, replace=overwrite):  # `path` appeared while the export was being written
+    raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
   return path
 
 

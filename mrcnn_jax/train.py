@@ -31,9 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mrcnn_jax.mesh import make_mesh  # also train.make_mesh, for the step's callers
 from mrcnn_jax.modeling import mask_rcnn
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 
@@ -161,12 +162,6 @@ def make_optimizer(config) -> optax.GradientTransformation:
       optax.multi_transform(transforms, functools.partial(param_labels, freeze_at=config.model.backbone.freeze_at)),
       optax.scale_by_learning_rate(learning_rate_schedule(config)),
   )
-
-
-def global_norm(tree) -> jax.Array:
-  """() float32: the L2 norm of all leaves of `tree` together (written out: optax renamed its helper twice)."""
-  leaves = jax.tree.leaves(tree)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -351,7 +346,7 @@ def train_step(state: TrainState, batch: dict, *, config, model: MaskRCNN) -> tu
     return losses["total_loss"], (losses, batch_stats)
 
   (total, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grad_norm = global_norm(grads)
+  grad_norm = optax.tree.norm(grads)  # the L2 norm of all leaves together (float32: params are)
   tx = make_optimizer(config)
   lr = learning_rate_schedule(config)(optax.tree_utils.tree_get(state.opt_state, "count"))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -370,16 +365,8 @@ def train_step(state: TrainState, batch: dict, *, config, model: MaskRCNN) -> tu
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Mesh and the jitted step.
+# The jitted step (over `mrcnn_jax.mesh.make_mesh`'s mesh).
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def make_mesh(devices=None, data_axis: str = "data") -> Mesh:
-  """A 1-D data-parallel mesh over `devices` (default: all devices of all processes) with axis `data_axis`."""
-  devices = jax.devices() if devices is None else list(devices)
-  # Auto axes: shardings are given at the jit boundary and XLA propagates them (the default of explicit-sharding
-  # meshes changed across JAX releases, so say it).
-  return Mesh(np.asarray(devices), (data_axis,), axis_types=(AxisType.Auto,))
 
 
 def jit_train_step(config, model: MaskRCNN, mesh: Mesh, state_sharding=None, data_axis: str | None = None):

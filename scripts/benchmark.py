@@ -57,7 +57,7 @@ from collections.abc import Callable
 import numpy as np
 
 # The package imports no JAX on import: the torch workers stay free of it.
-from mrcnn_jax import host_memory
+from mrcnn_jax import atomic, host_memory
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -665,13 +665,6 @@ def print_table(rows: list[Row]) -> None:
     print(f"{r.name:<{width}}  {r.jax_ms:12.1f}  {torch_ms:>14}  {ratio:>6}  {r.compile_s:9.2f}  {r.note}")
 
 
-def write_json_atomically(path: pathlib.Path, payload) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-    json.dump(payload, f, indent=2)
-  os.replace(f.name, path)
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("group", nargs="?", default="ops", choices=sorted(GROUPS))
@@ -717,8 +710,8 @@ def main(argv=None) -> int:
   rows = GROUPS[args.group](args)
   print_table(rows)
   if args.json:
-    write_json_atomically(args.json, {"group": args.group, "backend": jax.default_backend(),
-                                      "rows": [dataclasses.asdict(r) | {"ratio": r.ratio} for r in rows]})
+    atomic.write_json(args.json, {"group": args.group, "backend": jax.default_backend(),
+                                  "rows": [dataclasses.asdict(r) | {"ratio": r.ratio} for r in rows]}, indent=2)
   return 0
 
 

@@ -1,4 +1,5 @@
-"""mrcnn_jax.checkpoint: variables round-trip through orbax, config/metadata beside them, atomic (over)writes."""
+"""mrcnn_jax.checkpoint: variables round-trip through orbax, config/metadata beside them, atomic (over)writes (an
+interrupted one: tests/test_atomic.py)."""
 
 import json
 import os
@@ -76,42 +77,6 @@ def test_empty_existing_directory_is_used(tmp_path):
   (tmp_path / "ckpt").mkdir()
   checkpoint.save_variables(tmp_path / "ckpt", _variables())
   _assert_trees_equal(checkpoint.load_variables(tmp_path / "ckpt"), _variables())
-
-
-def _fail_first_move_to(target, monkeypatch):
-  """Make the first rename onto `target` (the commit of the new checkpoint) fail, as a crash at that point would."""
-  real_move = checkpoint._move
-  failed = []
-
-  def move(src, dst):
-    if pathlib.Path(dst) == target and not failed:
-      failed.append(src)
-      raise OSError("simulated interruption")
-    real_move(src, dst)
-  monkeypatch.setattr(checkpoint, "_move", move)
-  return failed
-
-
-def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
-  target = (tmp_path / "ckpt").absolute()
-  failed = _fail_first_move_to(target, monkeypatch)
-  with pytest.raises(OSError, match="simulated"):
-    checkpoint.save_variables(target, _variables())
-  assert failed
-  assert not target.exists()
-  assert _siblings(target) == []
-
-
-def test_interrupted_overwrite_keeps_previous(tmp_path, monkeypatch):
-  target = (tmp_path / "ckpt").absolute()
-  checkpoint.save_variables(target, _variables(0), config={"a": 1})
-  failed = _fail_first_move_to(target, monkeypatch)
-  with pytest.raises(OSError, match="simulated"):
-    checkpoint.save_variables(target, _variables(1), config={"a": 2}, overwrite=True)
-  assert failed
-  _assert_trees_equal(checkpoint.load_variables(target), _variables(0))
-  assert checkpoint.load_config_json(target) == {"a": 1}
-  assert _siblings(target) == ["ckpt"]
 
 
 def test_load_errors_name_the_directory(tmp_path):

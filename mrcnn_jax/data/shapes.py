@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import colorsys
 import json
-import os
 import pathlib
-import shutil
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from mrcnn_jax import atomic
 
 CLASSES = ("circle", "square", "triangle")  # category id = index + 1
 
@@ -303,29 +302,18 @@ def write_dataset(out_dir, num_train: int, num_val: int, seed: int,
     raise ValueError(f"num_train, num_val and seed must be >= 0, got {num_train}, {num_val}, {seed}")
   if out.exists() and _read_manifest(out) is None and (not out.is_dir() or any(out.iterdir())):
     raise FileExistsError(f"{out} exists and is not a shapes dataset (no {MANIFEST}); not overwriting it")
-  out.parent.mkdir(parents=True, exist_ok=True)
   manifest = _manifest(num_train, num_val, seed, size_hw)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-  try:
+
+  def write(tmp: pathlib.Path) -> None:
     (tmp / "annotations").mkdir()
     for split, count in (("train", num_train), ("val", num_val)):
       coco = _write_split(tmp, split, count, seed, size_hw)
       (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco, separators=(",", ":")))
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if _is_complete(out, manifest):
-      # Another process finished the same set first; the generator is deterministic, so theirs equals ours.
-      shutil.rmtree(tmp)
-    else:
-      old = None
-      if out.exists():
-        old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "set")
-      os.replace(tmp, out)
-      if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+
+  # A set that another process finished first stays: the generator is deterministic, so theirs equals ours, and a
+  # reader may be in it.
+  atomic.write_dir(out, write, replace=lambda existing: not _is_complete(existing, manifest))
   return dataset_paths(out)
 
 

@@ -1,8 +1,10 @@
-"""ResNet-50/101 (He et al., 2016) with bottleneck blocks, NHWC, returning the outputs of res2..res5.
+"""ResNet (He et al., 2016), NHWC, returning the outputs of res2..res5: 50 and 101 layers with bottleneck blocks,
+18 and 34 with basic blocks (two 3x3 convs; for small, fast models such as the shapes job's).
 
-Two weight families differ in where a stage's stride sits: MSRA/Detectron2 weights put it in the first 1x1 conv of the
-block (`stride_in_1x1=True`), torchvision's in the 3x3 conv. `freeze_at` follows Detectron2: 1 freezes the stem,
-2 the stem and res2, ...; frozen stages are cut from the gradient here (and left out of the update by the trainer).
+Two weight families differ in where a bottleneck stage's stride sits: MSRA/Detectron2 weights put it in the first 1x1
+conv of the block (`stride_in_1x1=True`), torchvision's in the 3x3 conv. `freeze_at` follows Detectron2: 1 freezes
+the stem, 2 the stem and res2, ...; frozen stages are cut from the gradient here (and left out of the update by the
+trainer).
 """
 
 from __future__ import annotations

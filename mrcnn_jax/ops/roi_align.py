@@ -1,5 +1,9 @@
 """RoIAlign (He et al., Mask R-CNN, 2017): quantization-free bilinear pooling of box regions.
 
+Two modules share the name. This one, `mrcnn_jax.ops.roi_align`, is the op: the sample positions and weights, and
+the public API (`roi_align`, `assign_fpn_levels`, `multilevel_roi_align`). `mrcnn_jax.kernels.roi_align` (the
+checkout's kernels/roi_align.py) is the weighted gather it ends in: the Pallas kernels and their XLA reference.
+
 The op splits in two, and the split is the design:
 
 1. Sample positions and bilinear weights (`roi_sample_points`). RoIAlign's sampling grid is a Cartesian product

@@ -12,8 +12,8 @@ direct convolution does; against a float64 convolution its error is that of XLA'
 error is about 1e-5 of the largest output: still 50 times below the TF32 that NVIDIA GPUs use for float32
 convolutions by default.
 
-`layers.conv2d` uses this on CPU only, where XLA has no Winograd of its own; GPU and TPU backends pick their
-convolution algorithms themselves.
+`mrcnn_jax.cpu.conv.conv2d` uses this on CPU only, where XLA has no Winograd of its own (which layers, see its
+`_winograd_for`); GPU and TPU backends pick their convolution algorithms themselves.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def kernel_grad(x, dy, padding: int, t: Transform = F2):
   _, h, w, _ = x.shape
   v = input_transform(x, padding, t)
   dm = output_transform_transpose(dy, h, w, padding, t)
-  # dM transposed once from memory, then standard-form matmuls (see `layers._pointwise_kernel_grad_cpu`).
+  # dM transposed once from memory, then standard-form matmuls (see `conv._pointwise_kernel_grad_cpu`).
   dm_t = jnp.swapaxes(lax.optimization_barrier(dm), 1, 2)
   du = jnp.matmul(dm_t, v, preferred_element_type=jnp.float32)  # (taps, O, C)
   return kernel_transform_transpose(jnp.swapaxes(du, 1, 2), t).astype(dy.dtype)
