@@ -14,7 +14,6 @@ Each image runs alone in the oracle (Detectron2 pads it to its size rounded up t
 the config's canvases (800x1088, 1088x800), alone and beside an image of the other orientation.
 """
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -219,9 +218,9 @@ def test_detections_match_the_transcribed_detectron2(runs, name):
   iou = np.asarray(box_ops.box_iou(got["boxes"], want["boxes"]))
   j = iou.argmax(1)
   assert np.all(iou.max(1) > 0.999) and len(set(j)) == len(j)
-  np.testing.assert_allclose(got["boxes"], want["boxes"][j], atol=1e-2)
+  np.testing.assert_allclose(got["boxes"], want["boxes"][j], atol=2e-3)
   np.testing.assert_array_equal(got["labels"], want["labels"][j])
-  np.testing.assert_allclose(got["scores"], want["scores"][j], atol=1e-3)
+  np.testing.assert_allclose(got["scores"], want["scores"][j], atol=1e-4)
   pasted = detectron2_paste_oracle(want["masks28"][j], want["boxes"][j], images[name].shape[:2]) >= 0.5
   agree = (got["masks"] == pasted).mean()
   assert agree >= 0.999, f"pasted masks agree on {agree:.5f} of pixels"
