@@ -24,7 +24,7 @@ def _input_cfg(mode, min_size, max_size, canvas_hw, **overrides):
     fields = dict(pixel_format="RGB", pixel_scale=1.0, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD)
   else:
     fields = dict(pixel_format="BGR", pixel_scale=255.0, pixel_mean=MSRA_MEAN_BGR, pixel_std=[1.0, 1.0, 1.0])
-  fields.update(resize_mode=mode, min_size_test=min_size, max_size_test=max_size, canvas_hw=canvas_hw)
+  fields.update(resize_mode=mode, min_size_test=min_size, max_size_test=max_size, canvases=(canvas_hw,))
   fields.update(overrides)
   return types.SimpleNamespace(**fields)
 
@@ -255,8 +255,19 @@ def test_preprocess_detectron2_resizes_uint8_then_normalizes():
 
 
 def test_preprocess_canvas_too_small_names_both_sizes():
-  with pytest.raises(ValueError, match=r"size 64x85 .*canvas 64x64"):
+  with pytest.raises(ValueError, match=r"resized to 64x85 .*fits none of the canvases 64x64"):
     transforms.preprocess(np.zeros((30, 40, 3), np.uint8), _input_cfg("torchvision", 64, 96, (64, 64)))
+
+
+def test_choose_canvas_takes_the_smallest_that_holds_the_image():
+  canvases = [(800, 1344), (800, 1088), (1088, 800), (1344, 1344)]
+  assert transforms.choose_canvas((800, 1066), canvases) == (800, 1088)
+  assert transforms.choose_canvas((800, 1333), canvases) == (800, 1344)
+  assert transforms.choose_canvas((1066, 800), canvases) == (1088, 800)
+  assert transforms.choose_canvas((800, 800), canvases) == (800, 1088)  # a tie in area: the first listed
+  assert transforms.choose_canvas((900, 1000), canvases) == (1344, 1344)
+  with pytest.raises(ValueError, match=r"resized to 1400x10 .*fits none of the canvases 800x1344, 800x1088"):
+    transforms.choose_canvas((1400, 10), canvases)
 
 
 # --------------------------------------------------------------------------------------------------------------------
