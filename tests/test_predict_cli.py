@@ -19,7 +19,6 @@ from pycocotools import mask as mask_util
 from mrcnn_jax import checkpoint, config_files
 from mrcnn_jax.data import coco, shapes
 from mrcnn_jax.modeling import mask_rcnn
-from mrcnn_jax.data.categories import class_names_for_config
 from mrcnn_jax.predictor import Predictor
 
 import tiny_model
@@ -28,7 +27,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "mask_rcnn_R50_FPN_1x.py"
 CANVAS = 64
 # The tiny model as command-line overrides of the base config, applied alike in this process and in the command.
-OVERRIDES = tiny_model.overrides(CANVAS, 48, **tiny_model.UNIT_PIXEL_STD_KW, dataset__name="shapes")
+OVERRIDES = tiny_model.overrides(CANVAS, 48, **tiny_model.UNIT_PIXEL_STD_KW)
 IMAGE_SIZES = {"a.png": (48, 64), "b.jpg": (64, 40), "c.png": (30, 30)}
 # Random weights score these images' detections 0.45..0.64: the threshold keeps some of them.
 SCORE_THRESHOLD = 0.5
@@ -133,17 +132,3 @@ def test_overlay_names_must_not_collide(tmp_path):
                str(tmp_path / "y" / "same.png"), "--out", str(tmp_path / "out")], cwd=tmp_path)
   assert done.returncode != 0 and "same.png" in done.stderr
 
-
-def test_class_names_from_the_config():
-  config = _tiny_config()
-  assert class_names_for_config(config) == ["background", "circle", "square", "triangle"]
-  coco_config = config_files.load_config(str(BASE_CONFIG))
-  names = class_names_for_config(coco_config)
-  assert len(names) == 81 and names[1] == "person" and names[80] == "toothbrush"
-  torchvision = config_files.load_config(str(ROOT / "configs" / "torchvision_maskrcnn_r50_fpn.py"))
-  names = class_names_for_config(torchvision)  # labels are COCO category ids, with gaps
-  assert len(names) == 91 and names[1] == "person" and names[12] is None and names[90] == "toothbrush"
-  keypoints = config_files.load_config(str(ROOT / "configs" / "keypoint_rcnn_R50_FPN_1x.py"))
-  assert class_names_for_config(keypoints) == ["background", "person"]
-  config.dataset.name = "my_data"
-  assert class_names_for_config(config) is None

@@ -13,6 +13,7 @@ BASE_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "mask_rc
 
 MODEL = {
     "model.num_classes": 3,
+    "model.class_names": ("circle", "square", "triangle"),  # the shapes set's (mrcnn_jax.data.shapes.CLASSES)
     "model.backbone.depth": 18,
     "model.backbone.width": 16,
     "model.fpn.channels": 32,
