@@ -251,7 +251,8 @@ VARIANTS = {
         "train.eval_every": TV_EPOCH}),
     "torchvision_keypointrcnn_r50_fpn": ("torchvision_maskrcnn_r50_fpn", {
         "model.num_classes": 1, "model.class_names": ("person",), "model.mask_head.enabled": False,
-        "model.keypoint_head.enabled": True, "model.keypoint_head.min_visible_per_image": 10, "input.min_size_train": (640, 672, 704, 736, 768, 800),
+        "model.keypoint_head.enabled": True, "model.keypoint_head.min_visible_per_image": 10,
+        "input.min_size_train": (640, 672, 704, 736, 768, 800),
         "train.max_iter": 46 * TV_KP_EPOCH, "train.steps": (36 * TV_KP_EPOCH, 43 * TV_KP_EPOCH),
         "train.checkpoint_every": TV_KP_EPOCH, "train.eval_every": TV_KP_EPOCH}),
 }

@@ -14,16 +14,8 @@ import tiny_model
 from mrcnn_jax import checkpoint, train
 from mrcnn_jax.data import coco
 
-# The trainer's tiny model: BN from scratch (FrozenBN would be an identity that lets it diverge anyway), one class.
-TRAIN_OVERRIDES = {
-    **tiny_model.overrides(64, 64), "model.num_classes": 1, "model.class_names": (),
-    "model.backbone.norm": "BN", "model.backbone.freeze_at": 0,
-    "model.rpn.batch_size_per_image": 32, "model.rpn.pre_nms_topk_train": 50, "model.rpn.post_nms_topk_train": 20,
-    "model.roi_heads.batch_size_per_image": 16,
-    "input.min_size_train": (64,), "input.max_size_train": 64, "input.max_instances": 8, "input.gt_mask_size": 16,
-    "train.batch_size": 8, "train.max_iter": 6, "train.warmup_iters": 0, "train.base_lr": 0.01,
-    "train.log_every": 1, "train.checkpoint_every": 3, "train.num_workers": 0,
-}
+# The trainer's tiny model, for the set's one class.
+TRAIN_OVERRIDES = {**tiny_model.TRAIN, "model.num_classes": 1, "model.class_names": ()}
 
 
 @pytest.fixture(scope="module")
