@@ -78,6 +78,10 @@ def test_sigterm_saves_stops_without_evaluating_and_exits_143(tmp_path):
   assert f"stopped at step {saved[0]} of 1000; rerun the same command to resume" in log
   assert not (workdir / "eval").exists() and not (workdir / "predictions.png").exists()
   assert "Traceback" not in log and LEAK not in log
+  # The config saved with the checkpoint names the set's category (predict and evaluate label with it).
+  from mrcnn_jax import checkpoint  # pylint: disable=import-outside-toplevel
+
+  assert checkpoint.load_saved_config(workdir)["model"]["class_names"] == [own_data.CATEGORY_NAME]
 
 
 def test_main_job_runs_end_to_end_on_shapes(tmp_path):

@@ -51,6 +51,27 @@ def test_instances_beyond_max_instances_are_counted_in_one_warning(own_set):
     train.check_training_source(config, source)
 
 
+def test_keypoint_configs_skip_training_images_with_too_few_visible_keypoints(tmp_path, load_config):
+  """torchvision's Keypoint R-CNN recipe: images with fewer than 10 visible keypoints are not trained on (Detectron2's
+  keeps images with at least 1, the base config's value)."""
+  def person(ann_id, image_id, visible):
+    keypoints = [v for k in range(17) for v in ((10 + k, 10 + k, 2) if k < visible else (0, 0, 0))]
+    return {"id": ann_id, "image_id": image_id, "category_id": 1, "bbox": [5, 5, 30, 40], "iscrowd": 0,
+            "keypoints": keypoints, "num_keypoints": visible}
+
+  names = [f"k{k}" for k in range(17)]
+  dataset = {"images": [{"id": i, "file_name": f"{i}.png", "height": 64, "width": 64} for i in (1, 2, 3)],
+             "annotations": [person(1, 1, 9), person(2, 2, 10), person(3, 3, 0), person(4, 3, 4)],
+             "categories": [{"id": 1, "name": "person", "keypoints": names}]}
+  (tmp_path / "kp.json").write_text(json.dumps(dataset))
+  for name, kept in (("torchvision_keypointrcnn_r50_fpn", [2]), ("keypoint_rcnn_R50_FPN_1x", [1, 2, 3])):
+    config = load_config(name)
+    config.dataset.train_json, config.dataset.train_image_dir = str(tmp_path / "kp.json"), str(tmp_path)
+    source = train.load_train_source(config)
+    assert [r.image_id for r in source.records] == kept, name
+    assert source.stats["skipped_few_keypoints"] == 3 - len(kept)
+
+
 @pytest.mark.parametrize("num_classes", [3, 2])
 def test_a_model_with_another_number_of_classes_fails_before_training(own_set, tmp_path, num_classes):
   config = _config(own_set, **{"model.num_classes": num_classes})
