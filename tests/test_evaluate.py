@@ -439,6 +439,16 @@ def test_a_val_set_with_another_number_of_categories_is_refused_before_inference
     evaluate.load_eval_source(config)
 
 
+def test_a_config_without_a_val_set_takes_the_checkpoints(load_config):
+  config = load_config("mask_rcnn_R50_FPN_1x")
+  saved = {"dataset": {"val_json": "/data/val.json", "val_image_dir": "/data/val", "tfds_data_dir": None}}
+  filled = evaluate._with_saved_val_set(config, saved)
+  assert (filled.dataset.val_json, filled.dataset.val_image_dir) == ("/data/val.json", "/data/val")
+  named = load_config("mask_rcnn_R50_FPN_1x")
+  named.dataset.val_json, named.dataset.val_image_dir = "/mine.json", "/mine"  # what the user names stands
+  assert evaluate._with_saved_val_set(named, saved).dataset.val_json == "/mine.json"
+
+
 def test_image_id_check_names_unknown_and_repeated_images():
   evaluate.check_image_ids([1, 2, 3], [3, 1, 2])
   with pytest.raises(ValueError, match=r"not in the ground truth: image ids 9.*more than once: image ids 2"):
