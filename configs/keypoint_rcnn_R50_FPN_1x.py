@@ -4,7 +4,8 @@ Detectron2's COCO-Keypoints/keypoint_rcnn_R_50_FPN_1x: the Mask R-CNN base (mask
 field is documented) with one foreground class (person), the keypoint head (17 COCO keypoints, 56x56 heatmaps over
 14x14 RoIAlign) in place of the mask head, 1500 RPN proposals per training image, and smooth L1 beta 0.5 for the box
 regression (Detectron2: keypoint AP drops with plain L1, though box AP rises). Training images with no visible
-keypoint are skipped.
+keypoint are skipped (model.keypoint_head.min_visible_per_image = 1 from the base: Detectron2's
+MIN_KEYPOINTS_PER_IMAGE).
 
 Train (global batch 16; the MSRA R-50 backbone converted with
 `python scripts/convert_weights.py --from detectron2 R-50.pkl --out BACKBONE_DIR`):
@@ -44,6 +45,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config = base.get_config()
   model = config.model
   model.num_classes = 1  # person
+  model.class_names = ("person",)
   model.rpn.post_nms_topk_train = 1500  # Detectron2: 1000 per image hurts box AP here
   model.roi_heads.smooth_l1_beta = 0.5
   model.mask_head.enabled = False

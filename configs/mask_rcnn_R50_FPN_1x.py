@@ -32,6 +32,8 @@ Quick local run (2 images per batch, 20 steps, 512x512 canvas): `--config=config
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from mrcnn_jax.data import categories
+
 # COCO person keypoints in the dataset's order: nose, then (left, right) eyes, ears, shoulders, elbows, wrists, hips,
 # knees, ankles. A horizontal flip swaps each left/right pair.
 COCO_KEYPOINT_FLIP_MAP = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))
@@ -55,6 +57,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.model = model = ml_collections.ConfigDict()
   model.num_classes = 80  # foreground classes K: labels 1..K, 0 is background
   model.label_space = "contiguous"  # labels 1..80 map to COCO category ids through the dataset ("coco_ids": equal)
+  # The names of labels 1..K (overlays, predictions.json); () = unknown. The trainer replaces them by its training
+  # set's category names (after checking that the set has num_classes categories) before it saves the config with
+  # each checkpoint, so that predict and evaluate name what the checkpoint was trained on.
+  model.class_names = categories.coco_class_names()
   model.compute_dtype = "float32"  # "bfloat16" on accelerators; params stay float32
   # Loss normalization and mask targets: "detectron2" (RPN losses / (anchors per image x images), binary mask
   # targets) | "torchvision" (RPN losses / sampled anchors, soft mask targets). See modeling/losses.py.
@@ -150,7 +156,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   model.keypoint_head.num_keypoints = 17
   model.keypoint_head.num_convs = 8
   model.keypoint_head.conv_dim = 512
-  model.keypoint_head.min_visible_per_image = 1  # training images with fewer visible keypoints are skipped
+  # With the keypoint head on, training images whose instances have fewer visible keypoints (visibility > 0) than
+  # this in all are skipped (Detectron2's MIN_KEYPOINTS_PER_IMAGE; torchvision's reference uses 10); 0 keeps all.
+  model.keypoint_head.min_visible_per_image = 1
 
   # --- input: decoding, resizing, normalizing and padding (host side) -----------------------------------------------
   config.input = inp = ml_collections.ConfigDict()
@@ -206,6 +214,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # A step whose total loss or gradient is not finite: True skips its update and counts it (metrics
   # nonfinite_skipped); False applies it and the trainer stops the run, leaving the last good checkpoint.
   train.skip_nonfinite = False
+  # With skip_nonfinite, the run still stops (naming the step) at this many non-finite steps in a row: a run that
+  # diverged would otherwise skip every later step.
+  train.max_consecutive_nonfinite = 10
   train.log_every = 20
   train.checkpoint_every = 5000
   train.keep_checkpoints = 3  # the last N checkpoints are kept

@@ -5,6 +5,9 @@ r"""The main job: a small Mask R-CNN trained from scratch on the built-in synthe
 generates the set under `<workdir>/shapes_data` (or `dataset.shapes.dir`) unless it is already there, trains, evaluates
 on the held-out val split (COCO box and mask AP), saves the checkpoint and writes `<workdir>/predictions.png`.
 
+The set is the config's own data: dataset.train_json, val_json and the other dataset paths are refused here (the
+job would otherwise train on the shapes anyway); for your own COCO-format data use configs/custom_coco.py.
+
 The model: ResNet-18 at half width with BatchNorm (trained from scratch, so no frozen statistics), a 64-channel FPN,
 RPN and heads shrunk to the task (3 classes, at most 8 instances per 128x128 image).
 `:runlocal` shrinks it to a smoke run of a few steps.
@@ -27,7 +30,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config = base.get_config()
   config.unlock()  # to add dataset.shapes
   m = config.model
-  m.num_classes = 3  # circle, square, triangle (mrcnn_jax.data.shapes.CLASSES)
+  m.num_classes = 3
+  m.class_names = ("circle", "square", "triangle")  # mrcnn_jax.data.shapes.CLASSES
   m.backbone.depth = 18
   m.backbone.width = 32
   m.backbone.norm = "BN"  # from scratch: statistics must be learned

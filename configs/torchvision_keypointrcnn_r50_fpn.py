@@ -4,8 +4,9 @@ torchvision's Mask R-CNN config (torchvision_maskrcnn_r50_fpn.py, which lists it
 torchvision's Keypoint R-CNN, so that its weights (KeypointRCNN_ResNet50_FPN_Weights.COCO_V1) converted to mrcnn_jax
 give the same detections as torchvision itself: torchvision's default num_classes=2 (background and person, label 1 ==
 COCO's person id), the keypoint head (17 COCO keypoints) in place of the mask head, training short sides 640..800
-(KeypointRCNN's default), training images with fewer than 10 visible keypoints skipped (torchvision's reference
-recipe), and its schedule (46 epochs, decay at 36 and 43).
+(KeypointRCNN's default), training images with fewer than 10 visible keypoints skipped
+(model.keypoint_head.min_visible_per_image = 10: torchvision's reference recipe, min_keypoints_per_image), and its
+schedule (46 epochs, decay at 36 and 43).
 
 Evaluate torchvision's weights (keypointrcnn_resnet50_fpn_coco-fc266e95.pth):
 
@@ -48,6 +49,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config = tv_mask.get_config()
   model = config.model
   model.num_classes = 1  # person; torchvision's num_classes=2 counts the background
+  model.class_names = ("person",)  # label 1 is COCO's category id 1
   model.mask_head.enabled = False
   model.keypoint_head.enabled = True
   model.keypoint_head.min_visible_per_image = 10

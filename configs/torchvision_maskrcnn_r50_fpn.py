@@ -36,6 +36,7 @@ Quick local run: `--config=configs/torchvision_maskrcnn_r50_fpn.py:runlocal`.
 import ml_collections
 
 from mrcnn_jax import config_files
+from mrcnn_jax.data import categories
 
 
 base = config_files.load_sibling(__file__, "mask_rcnn_R50_FPN_1x")
@@ -50,6 +51,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   model = config.model
   model.num_classes = 90  # torchvision's num_classes=91 counts the background
   model.label_space = "coco_ids"
+  model.class_names = categories.coco_id_class_names(90)  # label == COCO id: "N/A" in the 10 gaps, as torchvision
   model.loss_convention = "torchvision"
   model.backbone.stride_in_1x1 = False
   model.anchors.convention = "torchvision"

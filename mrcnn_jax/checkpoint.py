@@ -439,40 +439,150 @@ def load_inference(path) -> tuple[dict, dict | None]:
   Returns:
     (variables, config): variables {"params": ..., "batch_stats": ...}, every leaf a host numpy array with its saved
     dtype (batch_stats {} when the checkpoint has none; a train state's step and optimizer state are left out);
-    config the saved config as a plain dict (`ml_collections.ConfigDict(config)` rebuilds it), or None when none
-    was saved.
+    config the saved config as a plain dict (`inference_config` rebuilds a ConfigDict from it, or checks a given
+    config against it), or None when none was saved.
 
   Raises:
     FileNotFoundError naming `path` and the layouts expected, when it is none of these, or a training directory
     without a finished step.
   """
-  directory = pathlib.Path(path).expanduser().absolute()
-  if not directory.is_dir():
-    raise FileNotFoundError(f"no checkpoint directory {directory}; expected {_INFERENCE_LAYOUTS}")
-  if (directory / VARIABLES_DIR).is_dir():
+  kind, directory, step = _locate(path)
+  if kind == VARIABLES_DIR:
     return load_variables(directory), load_config_json(directory)
-
-  step = None
-  if directory.name.isdigit() and (directory / STATE_ITEM).is_dir() and directory.parent.name == CHECKPOINTS_DIR:
-    workdir, step = directory.parent.parent, int(directory.name)
-  elif directory.name == CHECKPOINTS_DIR:
-    workdir = directory.parent
-  elif (directory / CHECKPOINTS_DIR).is_dir():
-    workdir = directory
-  else:
-    raise FileNotFoundError(f"{directory} is not a checkpoint directory; expected {_INFERENCE_LAYOUTS}")
-
   # Read-only: the run may still be training (and writing) in this workdir.
-  with TrainCheckpointer(workdir, read_only=True) as ckpt:
+  with TrainCheckpointer(directory, read_only=True) as ckpt:
     restored = ckpt.restore(step)
     if restored is None:
-      raise FileNotFoundError(f"{workdir / CHECKPOINTS_DIR} holds no finished training step (a run that has not "
-                              f"saved yet?); expected {_INFERENCE_LAYOUTS}")
+      raise FileNotFoundError(_no_finished_step(directory))
     state, _, step = restored
     config = ckpt.restore_config(step)
   # Restored without a target, the TrainState comes back as a dict of its fields.
   variables = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
   return variables, config
+
+
+def load_saved_config(path) -> dict | None:
+  """The config saved with the checkpoint `load_inference(path)` would load, without reading its arrays (so that
+  a command can check its inputs against it before a large checkpoint loads); None when none was saved."""
+  kind, directory, step = _locate(path)
+  if kind == VARIABLES_DIR:
+    return load_config_json(directory)
+  with TrainCheckpointer(directory, read_only=True) as ckpt:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(_no_finished_step(directory))
+    return ckpt.restore_config(step)
+
+
+def _locate(path) -> tuple[str, pathlib.Path, int | None]:
+  """(VARIABLES_DIR, the checkpoint directory, None) or (CHECKPOINTS_DIR, the training workdir, the step named or
+  None for the latest) for a path `load_inference` takes; FileNotFoundError naming it otherwise."""
+  directory = pathlib.Path(path).expanduser().absolute()
+  if not directory.is_dir():
+    raise FileNotFoundError(f"no checkpoint directory {directory}; expected {_INFERENCE_LAYOUTS}")
+  if (directory / VARIABLES_DIR).is_dir():
+    return VARIABLES_DIR, directory, None
+  if directory.name.isdigit() and (directory / STATE_ITEM).is_dir() and directory.parent.name == CHECKPOINTS_DIR:
+    return CHECKPOINTS_DIR, directory.parent.parent, int(directory.name)
+  if directory.name == CHECKPOINTS_DIR:
+    return CHECKPOINTS_DIR, directory.parent, None
+  if (directory / CHECKPOINTS_DIR).is_dir():
+    return CHECKPOINTS_DIR, directory, None
+  raise FileNotFoundError(f"{directory} is not a checkpoint directory; expected {_INFERENCE_LAYOUTS}")
+
+
+def _no_finished_step(workdir: pathlib.Path) -> str:
+  return (f"{workdir / CHECKPOINTS_DIR} holds no finished training step (a run that has not saved yet?); expected "
+          f"{_INFERENCE_LAYOUTS}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The config a checkpoint runs with: the one saved beside it, or a given one that agrees with it.
+# ----------------------------------------------------------------------------------------------------------------
+
+# Model fields that do not shape the variables and name what the checkpoint was trained on: taken from the
+# checkpoint, never a reason to refuse a given config (see `inference_config`).
+_FROM_CHECKPOINT = ("model.class_names",)
+
+
+def config_from_saved(saved: Mapping[str, Any]):
+  """A locked ConfigDict from a config saved as JSON (`load_inference`), its lists turned back into the tuples the
+  config files use."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+
+  def tuples(value):
+    if isinstance(value, Mapping):
+      return {k: tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+      return tuple(tuples(v) for v in value)
+    return value
+
+  config = ml_collections.ConfigDict(tuples(dict(saved)))
+  config.lock()
+  return config
+
+
+def _flat(tree: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def model_differences(config, saved: Mapping[str, Any] | None) -> list[tuple[str, Any, Any]]:
+  """(field, value saved with the checkpoint, value in `config`) of every model field set in both that differs,
+  compared as JSON (tuples as lists), sorted by field."""
+  if not saved or not isinstance(saved.get("model"), Mapping):
+    return []
+  given = _flat(json.loads(config.model.to_json_best_effort()), "model.")
+  stored = _flat(saved["model"], "model.")
+  return [(k, stored[k], given[k]) for k in sorted(given.keys() & stored.keys()) if given[k] != stored[k]]
+
+
+def inference_config(saved: Mapping[str, Any] | None, config=None, *, explicit=(), where: str = "the checkpoint",
+                     given: str = "the given config"):
+  """The config to run a checkpoint's model with, from the config saved with it (`load_inference`) and the one a
+  user gives.
+
+  Args:
+    saved: the checkpoint's config as a plain dict, or None when it has none.
+    config: a ConfigDict, or None to use the saved one (`config_from_saved`).
+    explicit: the model fields the user set on purpose ("model.roi_heads.score_thresh_test", e.g. a command line's
+      --config.model.* overrides): their values stand even where the checkpoint's differ.
+    where, given: how messages name the checkpoint and the config.
+
+  Returns:
+    The saved config (config None), else a copy of `config` with the checkpoint's model.class_names (unless
+    explicit): the names of what it was trained on, which a config file for another dataset does not know.
+
+  Raises:
+    ValueError when neither config exists, or naming the model fields (other than class names and `explicit`
+    ones) whose values in `config` differ from the checkpoint's: a model other than the one the variables belong to
+    fails later with a parameter-shape error, or silently computes something else.
+  """
+  import copy  # pylint: disable=import-outside-toplevel
+
+  if config is None:
+    if saved is None:
+      raise ValueError(f"{where} carries no config: pass --config=configs/FILE.py, the config its weights were "
+                       "trained or converted with")
+    return config_from_saved(saved)
+  explicit = set(explicit)
+  differ = [d for d in model_differences(config, saved) if d[0] not in explicit and d[0] not in _FROM_CHECKPOINT]
+  if differ:
+    shown = "; ".join(f"{k}: {s!r} in the checkpoint, {g!r} in {given}" for k, s, g in differ[:8])
+    more = f"; and {len(differ) - 8} more" if len(differ) > 8 else ""
+    raise ValueError(f"{where} was saved with other model settings than {given}: {shown}{more}. Leave out --config "
+                     "to use the checkpoint's own config, or set each value you mean to change as an explicit "
+                     "--config.model.* override")
+  config = copy.deepcopy(config)
+  names = ((saved or {}).get("model") or {}).get("class_names")
+  if names and "model.class_names" not in explicit and "class_names" in config.model:
+    config.model.class_names = tuple(str(n) for n in names)
+  return config
 
 
 # ----------------------------------------------------------------------------------------------------------------

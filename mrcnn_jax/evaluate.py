@@ -4,11 +4,17 @@ r"""COCO evaluation: batched inference over a dataset, a COCO results file, and 
          --Predictor.postprocess + to_coco_results (a host thread)--> COCO result dicts, one per detection
          --COCOeval: bbox, segm (mask head on), keypoints (keypoint head on)--> {"bbox/AP": 38.6, ...}
 
-Command line (the config's dataset section names the data: val_json + val_image_dir, or a prepared tfds
-`coco_instances` set in tfds_data_dir; the checkpoint is any directory `checkpoint.load_inference` takes):
+Command line (the checkpoint is any directory `checkpoint.load_inference` takes; the config's dataset section names
+the data: val_json + val_image_dir, or a prepared tfds `coco_instances` set in tfds_data_dir):
 
+  python -m mrcnn_jax.evaluate --checkpoint=WORKDIR [--output_dir=OUT]
   python -m mrcnn_jax.evaluate --config=configs/mask_rcnn_R50_FPN_1x.py --checkpoint=DIR [--output_dir=OUT] \
       --config.dataset.val_json=COCO/annotations/instances_val2017.json --config.dataset.val_image_dir=COCO/val2017
+
+Without --config the config saved with the checkpoint is used, model, class names and val set (a training run's
+own val set). A --config must agree with the checkpoint's model fields, except those given as --config.model.*
+overrides (`checkpoint.inference_config`); its val set, when it names none, is the checkpoint's. The dataset must
+have the model's number of categories. Errors print one line (the traceback with --debug).
 
 From Python (a notebook, or the trainer after its last step): `metrics = evaluate(config, variables, source, out)`.
 
@@ -50,7 +56,6 @@ import concurrent.futures
 import contextlib
 import copy
 import io
-import json
 import logging
 import math
 import pathlib
@@ -501,19 +506,32 @@ def evaluate(config, variables, source, output_dir, *, batch_size: int | None = 
 
 def load_eval_source(config):
   """The evaluation set of `config.dataset`: split val_split of the prepared tfds set in tfds_data_dir when that is
-  set, else val_json with its images in val_image_dir (every image kept, `load_coco(train=False)`)."""
+  set, else val_json with its images in val_image_dir (every image kept, `load_coco(train=False)`).
+
+  Raises ValueError when none is set, or when the set's categories do not fit config.model's labels
+  (`categories.check_dataset_matches_model`: the number of categories against model.num_classes).
+  """
+  from mrcnn_jax.data import categories  # pylint: disable=import-outside-toplevel
+
   data = config.dataset
   if data.get("tfds_data_dir"):
     from mrcnn_jax.data import tfds_coco  # pylint: disable=import-outside-toplevel
 
-    return tfds_coco.load_tfds_source(data.tfds_data_dir, data.get("val_split") or "val2017", train=False,
-                                      config=data.get("tfds_config") or "instances")
-  if not data.get("val_json") or not data.get("val_image_dir"):
-    raise ValueError("config.dataset.val_json and config.dataset.val_image_dir must be set (COCO-format annotations "
-                     "and their image folder), or config.dataset.tfds_data_dir (a prepared coco_instances set)")
-  from mrcnn_jax.data import coco  # pylint: disable=import-outside-toplevel
+    split = data.get("val_split") or "val2017"
+    source = tfds_coco.load_tfds_source(data.tfds_data_dir, split, train=False,
+                                        config=data.get("tfds_config") or "instances")
+    where = f"{source.dataset_dir} split {split!r} (config.dataset.tfds_data_dir)"
+  else:
+    if not data.get("val_json") or not data.get("val_image_dir"):
+      raise ValueError("config.dataset.val_json and config.dataset.val_image_dir must be set (COCO-format "
+                       "annotations and their image folder), or config.dataset.tfds_data_dir (a prepared "
+                       "coco_instances set)")
+    from mrcnn_jax.data import coco  # pylint: disable=import-outside-toplevel
 
-  return coco.load_coco(data.val_json, data.val_image_dir, train=False)
+    source = coco.load_coco(data.val_json, data.val_image_dir, train=False)
+    where = f"{data.val_json} (config.dataset.val_json)"
+  categories.check_dataset_matches_model(config, source.category_map, where)
+  return source
 
 
 def default_output_dir(checkpoint_path) -> pathlib.Path:
@@ -530,40 +548,43 @@ def default_output_dir(checkpoint_path) -> pathlib.Path:
   return path / "eval"
 
 
-def _model_differences(config, saved: dict | None) -> list[str]:
-  """The model fields whose values differ between `config` and the config saved with the checkpoint."""
-  if not saved or "model" not in saved:
-    return []
-  current = json.loads(config.model.to_json_best_effort())
+# The dataset fields that name a val set; a --config naming none takes the checkpoint's.
+_VAL_FIELDS = ("val_json", "val_image_dir", "tfds_data_dir", "tfds_config", "val_split")
 
-  def flat(d, prefix="model."):
-    out = {}
-    for k, v in d.items():
-      out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
 
-  a, b = flat(current), flat(saved["model"])
-  return sorted(k for k in a.keys() & b.keys() if a[k] != b[k])
+def _with_saved_val_set(config, saved: dict | None):
+  """`config`, with the val set of the checkpoint's saved config when `config` names none (a training run's own)."""
+  data = config.dataset
+  if data.get("val_json") or data.get("tfds_data_dir"):
+    return config
+  saved_data = (saved or {}).get("dataset") or {}
+  if not (saved_data.get("val_json") or saved_data.get("tfds_data_dir")):
+    return config
+  for key in _VAL_FIELDS:
+    if saved_data.get(key) is not None and key in data:
+      data[key] = saved_data[key]
+  log.info("the val set of the checkpoint's config: %s", data.get("val_json") or data.get("tfds_data_dir"))
+  return config
 
 
 def main(argv):
   from absl import app  # pylint: disable=import-outside-toplevel
 
-  from mrcnn_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from mrcnn_jax import checkpoint, cli  # pylint: disable=import-outside-toplevel
 
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = FLAGS.config
   variables, saved_config = checkpoint.load_inference(FLAGS.checkpoint)
-  differences = _model_differences(config, saved_config)
-  if differences:
-    log.warning("the checkpoint was saved with a config whose %s differ from --config's", ", ".join(differences))
+  config = cli.config_for_checkpoint(FLAGS.checkpoint, saved_config)
+  if FLAGS.config is not None:
+    config = _with_saved_val_set(config, saved_config)
   output_dir = pathlib.Path(FLAGS.output_dir) if FLAGS.output_dir else default_output_dir(FLAGS.checkpoint)
   source = load_eval_source(config)
   metrics = evaluate(config, variables, source, output_dir, batch_size=FLAGS.batch_size or None,
                      keypoint_offset=FLAGS.keypoint_offset)
   print(format_table(metrics))
   print(f"results and metrics written to {output_dir}")
+  return 0
 
 
 def _define_flags():
@@ -571,7 +592,10 @@ def _define_flags():
   notebook) adds nothing to absl's global flags."""
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
-  config_flags.DEFINE_config_file("config", None, "Config file: configs/FILE.py[:arg].", lock_config=True)
+  from mrcnn_jax import cli  # pylint: disable=import-outside-toplevel
+
+  config_flags.DEFINE_config_file("config", None, "Config file: configs/FILE.py[:arg]; default: the config saved "
+                                  "with the checkpoint (its model, class names and val set).", lock_config=True)
   flags.DEFINE_string("checkpoint", None, "A variables checkpoint, a training workdir, its checkpoints/ directory "
                       "or one step directory (mrcnn_jax.checkpoint.load_inference).")
   flags.DEFINE_string("output_dir", None, "Where the results and metrics.json go; default <workdir>/eval for a "
@@ -579,11 +603,12 @@ def _define_flags():
   flags.DEFINE_integer("batch_size", 0, "Images per step over the local devices; 0: one per device.")
   flags.DEFINE_float("keypoint_offset", None, "Subtracted from predicted keypoints; default 0.5 for "
                      "input.resize_mode detectron2, else 0 (use 0 for models trained by mrcnn_jax).")
-  flags.mark_flags_as_required(["config", "checkpoint"])
+  cli.define_debug_flag()
+  flags.mark_flags_as_required(["checkpoint"])
 
 
 if __name__ == "__main__":
-  from absl import app
+  from mrcnn_jax import cli
 
   _define_flags()
-  app.run(main)
+  cli.run("mrcnn_jax.evaluate", main)

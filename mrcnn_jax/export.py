@@ -1,7 +1,11 @@
 r"""The inference program as a serialized `jax.export` artifact (StableHLO), runnable without the model's code.
 
-  python -m mrcnn_jax.export --config=configs/FILE.py --checkpoint=DIR --out=EXPORT_DIR --batch_size=2 \
+  python -m mrcnn_jax.export --checkpoint=DIR --out=EXPORT_DIR --batch_size=2 [--config=configs/FILE.py] \
       [--platforms=cpu,cuda,tpu] [--config.key=value ...]
+
+(without --config, the config saved with the checkpoint; a --config must agree with its model fields except those
+given as --config.model.* overrides, `checkpoint.inference_config`; errors print one line, the traceback with
+--debug)
 
   fn = load_exported("EXPORT_DIR")            # needs jax and numpy only, not mrcnn_jax.modeling
   out = fn(images, image_info)                # (B, H, W, 3) float32, (B, 6) float32 -> dict of fixed-size arrays
@@ -285,32 +289,38 @@ def _define_flags():
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
-  config_flags.DEFINE_config_file("config", None, "Config file: configs/FILE.py[:arg].", lock_config=True)
+  from mrcnn_jax import cli  # pylint: disable=import-outside-toplevel
+
+  config_flags.DEFINE_config_file("config", None, "Config file: configs/FILE.py[:arg]; default: the config saved "
+                                  "with the checkpoint.", lock_config=True)
   flags.DEFINE_string("checkpoint", None, "Variables checkpoint directory (mrcnn_jax.checkpoint).")
   flags.DEFINE_string("out", None, "Export directory to write.")
   flags.DEFINE_integer("batch_size", 1, "Images per call of the exported program (static).")
   flags.DEFINE_list("platforms", ["cpu"], "Platforms to lower for: any of cpu, cuda, rocm, tpu.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
-  flags.mark_flags_as_required(["config", "checkpoint", "out"])
+  cli.define_debug_flag()
+  flags.mark_flags_as_required(["checkpoint", "out"])
 
 
 def main(argv):
   from absl import app, flags, logging  # pylint: disable=import-outside-toplevel
 
-  from mrcnn_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from mrcnn_jax import checkpoint, cli  # pylint: disable=import-outside-toplevel
 
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  variables, _ = checkpoint.load_inference(f.checkpoint)
-  path = export_inference(f.config, variables, f.out, batch_size=f.batch_size, platforms=f.platforms,
+  variables, saved = checkpoint.load_inference(f.checkpoint)
+  config = cli.config_for_checkpoint(f.checkpoint, saved)
+  path = export_inference(config, variables, f.out, batch_size=f.batch_size, platforms=f.platforms,
                           overwrite=f.overwrite)
   logging.info("exported to %s (batch %d, canvases %s, platforms %s)", path, f.batch_size,
-               [tuple(hw) for hw in f.config.input.canvases], ",".join(f.platforms))
+               [tuple(hw) for hw in config.input.canvases], ",".join(f.platforms))
+  return 0
 
 
 if __name__ == "__main__":
-  from absl import app as _app  # pylint: disable=import-outside-toplevel
+  from mrcnn_jax import cli as _cli  # pylint: disable=import-outside-toplevel
 
   _define_flags()
-  _app.run(main)
+  _cli.run("mrcnn_jax.export", main)

@@ -233,6 +233,23 @@ class Predictor:
     pasted = _paste_masks_jit(masks, boxes, image_hw, self.mask_threshold, self.paste_mode)
     return np.asarray(pasted)[:n]
 
+  @classmethod
+  def from_checkpoint(cls, path, *, config=None, batch_size: int = 1) -> Predictor:
+    """A Predictor for the checkpoint at `path`: anything `checkpoint.load_inference` reads (converted weights, a
+    training workdir, one of its steps).
+
+    config: None runs the model with the config saved with the checkpoint (model, input settings, class names:
+      `self.config.model.class_names`). A given config must agree with the saved one in every model field but the
+      class names, which come from the checkpoint (`checkpoint.inference_config`: ValueError naming the fields
+      that differ); it is copied, not modified. A checkpoint saved without a config needs one.
+    batch_size: as in the constructor.
+    """
+    from mrcnn_jax import checkpoint  # pylint: disable=import-outside-toplevel
+
+    variables, saved = checkpoint.load_inference(path)
+    config = checkpoint.inference_config(saved, config, where=f"checkpoint {path}", given="the given config")
+    return cls(config, variables, batch_size=batch_size)
+
 
 def to_coco_results(predictions: Sequence[dict], image_ids: Sequence, *, category_ids=None,
                     keypoint_offset: float = 0.5) -> list[dict]:

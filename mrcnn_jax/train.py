@@ -24,6 +24,7 @@ import logging
 import math
 import pathlib
 import re
+import warnings
 from typing import Any, NamedTuple
 
 import flax
@@ -395,13 +396,17 @@ def jit_train_step(config, model: MaskRCNN, mesh: Mesh, state_sharding=None, dat
 
 def load_train_source(config):
   """The training set of `config.dataset`: split train_split of the prepared tfds set in tfds_data_dir when that is
-  set, else train_json with its images in train_image_dir."""
+  set, else train_json with its images in train_image_dir. With the keypoint head on, images with fewer visible
+  keypoints than model.keypoint_head.min_visible_per_image are skipped."""
   data = config.dataset
+  keypoints = config.model.keypoint_head
+  min_keypoints = int(keypoints.get("min_visible_per_image") or 0) if keypoints.enabled else 0
   if data.get("tfds_data_dir"):
     from mrcnn_jax.data import tfds_coco
 
     return tfds_coco.load_tfds_source(data.tfds_data_dir, data.train_split, train=True,
-                                      skip_empty=data.filter_empty_annotations, config=data.tfds_config)
+                                      skip_empty=data.filter_empty_annotations, config=data.tfds_config,
+                                      min_keypoints_per_image=min_keypoints)
   if not data.train_json or not data.train_image_dir:
     raise ValueError("config.dataset.train_json and config.dataset.train_image_dir must be set (COCO-format "
                      "annotations and their image folder), or config.dataset.tfds_data_dir (a prepared "
@@ -409,7 +414,82 @@ def load_train_source(config):
   from mrcnn_jax.data import coco
 
   return coco.load_coco(data.train_json, data.train_image_dir, train=True,
-                        skip_empty=data.filter_empty_annotations)
+                        skip_empty=data.filter_empty_annotations, min_keypoints_per_image=min_keypoints)
+
+
+def _source_name(source) -> str:
+  """How messages name a training source: its annotation file, or its prepared tfds split."""
+  if getattr(source, "annotation_file", None):
+    return f"{source.annotation_file} (the training set)"
+  if getattr(source, "dataset_dir", None):
+    return f"{source.dataset_dir} split {source.split!r} (the training set)"
+  return "the training set"
+
+
+def check_training_source(config, source) -> None:
+  """What the trainer checks and takes from its source before the first step (`train` calls it).
+
+  * The dataset's categories must fit the model's labels (`categories.check_dataset_matches_model`): ValueError
+    naming both counts otherwise, rather than a non-finite loss a step later.
+  * config.model.class_names becomes the dataset's category names (in place; logged when it replaces other names),
+    so that the config saved with each checkpoint names the labels it was trained on.
+  * Images with more instances than input.max_instances G: one warning with the counts (images, instances left out
+    of training, the most in one image) and the setting to raise. Each example keeps G instances
+    (`pipeline.select_instances`: crowd ones and then the smallest go first).
+  A source without a `category_map` (a test's in-memory fake) skips the first two.
+  """
+  from mrcnn_jax.data import categories
+
+  model = config.model
+  category_map = getattr(source, "category_map", None)
+  if category_map is not None:
+    categories.check_dataset_matches_model(config, category_map, _source_name(source))
+    if "class_names" in model:
+      names = categories.dataset_class_names(category_map, model.label_space, int(model.num_classes))
+      old = tuple(model.class_names)
+      if old and old != names:
+        # Same count, other names: a setting someone typed, worth a warning; another count: another dataset's.
+        report = log.warning if len(old) == len(names) else log.info
+        report("model.class_names: the training set's %s replace the config's %s", _short(names), _short(old))
+      model.class_names = names
+  limit = int(config.input.max_instances)
+  counts = np.asarray([r.num_instances for r in source.records], np.int64)
+  over = counts > limit
+  if over.any():
+    warnings.warn(
+        f"{_source_name(source)}: {int(over.sum())} of {len(counts)} images have more instances than "
+        f"input.max_instances = {limit} (up to {int(counts.max())} in one image): {int((counts - limit)[over].sum())} "
+        f"instances are left out of training (of each such image, crowd ones first, then the smallest); raise "
+        f"--config.input.max_instances={int(counts.max())} to train on all of them", stacklevel=2)
+
+
+def _short(names, limit: int = 5) -> str:
+  names = [str(n) for n in names]
+  shown = ", ".join(names[:limit]) + (f", ... ({len(names)} names)" if len(names) > limit else "")
+  return f"({shown})"
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """() bool: every element of every leaf of `tree` is finite."""
+  leaves = jax.tree.leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+
+
+def _close_loader_iterator(data_iter) -> None:
+  """Stop the loader's worker processes and free the shared memory of the batches they prepared ahead.
+
+  grain's DatasetIterator.close() does both; grain 0.2's DataLoaderIterator has no close() of its own but wraps one
+  (`_iterator`). Left to garbage collection at interpreter exit, the workers' shared memory outlives the process
+  and Python's resource_tracker reports "leaked shared_memory objects".
+  """
+  close = getattr(data_iter, "close", None) or getattr(getattr(data_iter, "_iterator", None), "close", None)
+  if close is None:
+    return
+  try:
+    close()
+  except Exception:  # closing must not hide the error that ended the run
+    log.warning("closing the training input pipeline failed", exc_info=True)
 
 
 def train(config, workdir, *, source=None, stop_after: int | None = None, evaluate_fn=None) -> TrainState:
@@ -417,9 +497,16 @@ def train(config, workdir, *, source=None, stop_after: int | None = None, evalua
 
   Resumes from the newest checkpoint in `<workdir>/checkpoints`: parameters, optimizer state, step and the input
   iterator's position, so a resumed run sees the batches and the random sampling it would have seen without the
-  interruption. SIGTERM (preemption) saves a checkpoint at the next step boundary and returns. A non-finite loss
-  stops the run with FloatingPointError naming the step, its losses and the last good checkpoint (unless
-  train.skip_nonfinite). `stop_after` ends the run after that many steps of this call (tests, notebooks).
+  interruption. SIGTERM (preemption) saves a checkpoint at the next step boundary and returns (the state's step is
+  then below train.max_iter). A non-finite loss stops the run with FloatingPointError naming the step, its losses
+  and the last good checkpoint; with train.skip_nonfinite the step's update is skipped instead, until
+  train.max_consecutive_nonfinite steps in a row were non-finite. A checkpoint is never written of parameters that
+  are not finite (FloatingPointError naming the step). `stop_after` ends the run after that many steps of this call
+  (tests, notebooks).
+
+  Before anything compiles, the source is checked against the config (`check_training_source`: the number of
+  categories, the instances beyond input.max_instances) and config.model.class_names is set to the source's
+  category names, in place. The input pipeline's worker processes are stopped when the run ends, however it ends.
 
   A fresh run (no checkpoint in the workdir) with init_from set starts from those weights where they fit the
   model (`init_from_pretrained`); a resumed run ignores it. Process 0 logs every train.log_every steps to the
@@ -438,7 +525,10 @@ def train(config, workdir, *, source=None, stop_after: int | None = None, evalua
   tc = config.train
   # --- mesh and data ---------------------------------------------------------------------------------------------
   mesh = make_mesh()
+  if int(tc.get("max_consecutive_nonfinite") or 0) < 1:
+    raise ValueError(f"train.max_consecutive_nonfinite must be >= 1, got {tc.get('max_consecutive_nonfinite')!r}")
   source = source if source is not None else load_train_source(config)
+  check_training_source(config, source)
   loader = pipeline.make_train_loader(source, config.input, global_batch_size=tc.batch_size, seed=tc.seed,
                                       num_workers=tc.num_workers)
   data_iter = iter(loader)
@@ -466,7 +556,14 @@ def train(config, workdir, *, source=None, stop_after: int | None = None, evalua
   # values): metrics.jsonl and TensorBoard events in <workdir>/tensorboard.
   writer = train_log.MetricWriters.for_workdir(workdir, start_step=step) if jax.process_index() == 0 else None
   preemption = checkpoint.install_preemption_handler()
+
+  def last_good() -> str:
+    last = ckpt.latest_step()
+    return (f"the last good checkpoint is step {last} in {ckpt.directory} (left intact)" if last is not None
+            else f"no checkpoint was saved yet in {ckpt.directory}")
+
   steps_done = 0
+  nonfinite_in_a_row = 0
   start = time.perf_counter()
   try:
     while step < tc.max_iter:
@@ -474,24 +571,40 @@ def train(config, workdir, *, source=None, stop_after: int | None = None, evalua
       batch = pipeline.to_global_batch(next(data_iter), mesh)
       data_seconds = time.perf_counter() - t0
       state, metrics = step_fn(state, batch)
+      # The step holds on to its inputs until it is done. A batch kept past the loop (on CPU the arrays can share
+      # the loader's shared memory) would outlive the loader, and its shared memory the process.
+      del batch
       step += 1
       steps_done += 1
-      if not tc.skip_nonfinite and not bool(metrics["finite"]):
-        losses = {k: float(v) for k, v in metrics.items() if k.startswith("loss") or k == "total_loss"}
-        last = ckpt.latest_step()
-        where = (f"the last good checkpoint is step {last} in {ckpt.directory} (left intact)" if last is not None
-                 else f"no checkpoint was saved yet in {ckpt.directory}")
-        raise FloatingPointError(f"non-finite loss at step {step}: {losses}; {where}")
-      if step % tc.log_every == 0 or step == tc.max_iter:
+      if step % tc.log_every == 0 or step == tc.max_iter:  # before the checks below: a non-finite step is logged too
         values = {k: float(v) for k, v in metrics.items() if k != "finite"}
         seconds = (time.perf_counter() - start) / steps_done
         if writer is not None:
           log.info(train_log.format_line(step, tc.max_iter, values, seconds_per_iter=seconds,
-                                             data_seconds=data_seconds))
+                                         data_seconds=data_seconds))
           writer.write(step, dict(values, time=seconds, data_time=data_seconds))
+      if bool(metrics["finite"]):
+        nonfinite_in_a_row = 0
+      else:
+        nonfinite_in_a_row += 1
+        losses = {k: float(v) for k, v in metrics.items() if k.startswith("loss") or k == "total_loss"}
+        if not tc.skip_nonfinite:
+          raise FloatingPointError(f"non-finite loss at step {step}: {losses}; {last_good()}")
+        if nonfinite_in_a_row >= tc.max_consecutive_nonfinite:
+          raise FloatingPointError(
+              f"{nonfinite_in_a_row} non-finite steps in a row, the last at step {step} (train.skip_nonfinite skips "
+              f"at most train.max_consecutive_nonfinite = {tc.max_consecutive_nonfinite}): the run diverged; "
+              f"losses {losses}; {last_good()}")
+        log.warning("step %d: non-finite loss %s, update skipped (%d in a row, the run stops at %d)", step, losses,
+                    nonfinite_in_a_row, tc.max_consecutive_nonfinite)
       # A signal reaches one host; every process must stop (and save) at the same step: a collective check.
       stop = preemption.sync_requested() or (stop_after is not None and steps_done >= stop_after)
       if step % tc.checkpoint_every == 0 or step == tc.max_iter or stop:
+        # A finite loss does not make a finite update (a huge learning rate overflows the parameters): a checkpoint
+        # of such parameters would be the "last good" one a resumed run starts from.
+        if not bool(_all_finite((state.params, state.batch_stats))):
+          raise FloatingPointError(f"the parameters are not finite after step {step} (an update overflowed them: "
+                                   f"lower train.base_lr, or set train.clip_grad_norm); not saved: {last_good()}")
         ckpt.save(step, state, data_state=data_iter.get_state(), config=config, force=True)
       if evaluate_fn is not None and tc.eval_every and step % tc.eval_every == 0 and step < tc.max_iter and not stop:
         eval_metrics = evaluate_fn(state, step)
@@ -501,9 +614,9 @@ def train(config, workdir, *, source=None, stop_after: int | None = None, evalua
         break
   finally:
     preemption.uninstall()
+    _close_loader_iterator(data_iter)
     if writer is not None:
       writer.close()
     ckpt.wait()
     ckpt.close()
-    del data_iter
   return state

@@ -6,6 +6,11 @@ The same numbers go to `<workdir>/metrics.jsonl`, one JSON object per line, appe
 file), and to TensorBoard event files in `<workdir>/tensorboard` (one scalar series per metric, tagged with the same
 names), each flushed at every write so that nothing is lost when a run is killed. `MetricWriters.for_workdir` opens
 both; the event files are written with the `tensorboard` package's own event writer, so TensorFlow is not needed.
+
+A run killed after its last checkpoint (kill -9, a lost machine) has logged steps that its resumption replays: each
+writer opened with the resumed step drops them (metrics.jsonl: its lines past that step are removed when it opens;
+TensorBoard: a restart marker makes the reader purge them), so every step appears once, with the values of the run
+that continued.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import os
 import pathlib
 import resource
 import time
+
+from mrcnn_jax import atomic
 
 LOSS_ORDER = ("total_loss", "loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask", "loss_keypoint")
 
@@ -40,11 +47,19 @@ def format_line(step: int, max_iter: int, metrics: dict, *, seconds_per_iter: fl
 
 
 class JsonlWriter:
-  """Appends one JSON object per call to a file, flushed and fsynced, so a killed run keeps every line written."""
+  """Appends one JSON object per call to a file, flushed and fsynced, so a killed run keeps every line written.
 
-  def __init__(self, path):
+  start_step: the step a resumed run continues from (its checkpoint's). Lines of an existing file whose
+  "iteration" is past it were logged by a run killed after that checkpoint; the resumed run logs those steps again,
+  so they are removed when the writer opens (the file rewritten atomically), as is a last line cut short by the
+  kill. None keeps the file as it is.
+  """
+
+  def __init__(self, path, *, start_step: int | None = None):
     self.path = pathlib.Path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
+    if start_step is not None and self.path.exists():
+      _drop_lines_after(self.path, int(start_step))
     self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the writer's life, see close)
 
   def write(self, step: int, metrics: dict) -> None:
@@ -61,6 +76,23 @@ class JsonlWriter:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def _drop_lines_after(path: pathlib.Path, step: int) -> None:
+  """Rewrite the JSON-lines file `path` without its records of iterations past `step` (and without lines that do not
+  parse: the partial last line of a killed write); untouched when there are none."""
+  lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+      keep = isinstance(record, dict) and int(record.get("iteration", 0)) <= step
+    except (ValueError, TypeError):
+      keep = False
+    if keep:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  if kept != lines:
+    atomic.write_file(path, lambda f: f.write("".join(kept)))
 
 
 class TensorBoardWriter:
@@ -115,10 +147,11 @@ class MetricWriters:
   def for_workdir(cls, workdir, *, start_step: int = 0) -> MetricWriters:
     """The trainer's writers: `<workdir>/metrics.jsonl` and TensorBoard events in `<workdir>/tensorboard`.
 
-    start_step: the step the run starts (or resumes) from, see `TensorBoardWriter`.
+    start_step: the step the run starts (or resumes) from: both drop what a killed run logged past it (see
+      `JsonlWriter`, `TensorBoardWriter`).
     """
     workdir = pathlib.Path(workdir)
-    jsonl = JsonlWriter(workdir / "metrics.jsonl")
+    jsonl = JsonlWriter(workdir / "metrics.jsonl", start_step=start_step)
     try:
       return cls([jsonl, TensorBoardWriter(workdir / "tensorboard", start_step=start_step)])
     except BaseException:

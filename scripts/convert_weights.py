@@ -15,7 +15,8 @@ is checked against the config's backbone only; pixel mean/std carried by a Detec
 config's (a warning when they differ) and kept in metadata.json.
 
 The converted variables are checked against the config's model (every array present, with its shape) before anything
-is written; the output directory appears complete or not at all. Exit status 0 on success, 1 on error, 2 on bad flags.
+is written; the output directory appears complete or not at all. Exit status 0 on success, 1 on error (one line on
+stderr naming the file or key; --debug, or MRCNN_JAX_DEBUG=1, shows the traceback), 2 on bad flags.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def parse_args(argv) -> argparse.Namespace:
   parser.add_argument("--out", required=True, type=pathlib.Path, help="the checkpoint directory to write")
   parser.add_argument("--config", default=None, help="configs/FILE.py or FILE.py:arg (default: by source and heads)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out directory")
+  parser.add_argument("--debug", action="store_true", help="on an error, show the Python traceback instead of one "
+                      "line (also MRCNN_JAX_DEBUG=1)")
   return parser.parse_args(argv)
 
 
@@ -194,10 +197,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
   except SystemExit as e:  # argparse has printed the usage error (or --help)
     return int(e.code or 0)
+  from mrcnn_jax import cli
+
   try:
     print(convert(args.source, args.input, args.out, args.config, args.overwrite))
-  except (ConversionError, FileNotFoundError, FileExistsError, ImportError, ValueError) as e:
-    print(f"convert_weights: error: {e}", file=sys.stderr)
+  except Exception as e:  # every error ends in one line; the traceback is for --debug
+    if args.debug or cli.debug_enabled():
+      raise
+    if isinstance(e, (ConversionError, FileNotFoundError, FileExistsError, ValueError)):  # say what to fix
+      print(f"convert_weights: error: {' '.join(str(e).split())}", file=sys.stderr)
+    else:
+      print(f"{cli.error_line('convert_weights', e)} (--debug shows the traceback)", file=sys.stderr)
     return 1
   return 0
 

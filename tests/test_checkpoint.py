@@ -119,3 +119,47 @@ def test_saved_sharded_over_8_devices_loads_in_a_1_device_process(tmp_path):
   result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip().endswith("ok")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The config a checkpoint runs with (evaluate, predict, export, Predictor.from_checkpoint).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _saved(config) -> dict:
+  """A config as a checkpoint stores it (JSON), read back as load_inference returns it."""
+  return json.loads(config.to_json_best_effort())
+
+
+def test_inference_config_without_a_given_config_is_the_saved_one(load_config):
+  config = load_config("shapes")
+  rebuilt = checkpoint.inference_config(_saved(config))
+  assert rebuilt.is_locked and rebuilt.to_dict() == config.to_dict()  # tuples back as tuples, placeholders None
+  assert rebuilt.model.anchors.sizes == ((16,), (32,), (64,), (128,), (256,))
+  with pytest.raises(ValueError, match="checkpoint X carries no config: pass --config="):
+    checkpoint.inference_config(None, where="checkpoint X")
+
+
+def test_a_given_config_must_have_the_checkpoints_model_except_explicit_fields(load_config):
+  trained = load_config("shapes")
+  trained.model.num_classes, trained.model.class_names = 1, ("nucleus",)
+  saved = _saved(trained)
+  given = load_config("shapes")  # the config file without the training run's overrides
+  given.model.roi_heads.score_thresh_test = 0.3
+  with pytest.raises(ValueError, match=r"^ckpt was saved with other model settings than --config=shapes.py: "
+                                       r"model.num_classes: 1 in the checkpoint, 3 in --config=shapes.py; "
+                                       r"model.roi_heads.score_thresh_test: 0.05 in the checkpoint, 0.3 in "):
+    checkpoint.inference_config(saved, given, where="ckpt", given="--config=shapes.py")
+  # Typed on the command line: the user's values stand. The class names come from the checkpoint, on a copy.
+  config = checkpoint.inference_config(saved, given, explicit={"model.num_classes",
+                                                               "model.roi_heads.score_thresh_test"})
+  assert config.model.num_classes == 3 and config.model.roi_heads.score_thresh_test == 0.3
+  assert config.model.class_names == ("nucleus",) and given.model.class_names == ("circle", "square", "triangle")
+  assert checkpoint.inference_config(saved, given, explicit={"model.num_classes", "model.class_names",
+                                                             "model.roi_heads.score_thresh_test"}
+                                     ).model.class_names == ("circle", "square", "triangle")
+  # Fields only one side has (a checkpoint from before a field existed) are no difference; nor is a missing config.
+  del saved["model"]["class_names"]
+  assert checkpoint.model_differences(given, saved) == [("model.num_classes", 1, 3),
+                                                        ("model.roi_heads.score_thresh_test", 0.05, 0.3)]
+  assert checkpoint.inference_config(None, given).to_dict() == given.to_dict()

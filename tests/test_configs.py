@@ -194,6 +194,7 @@ def test_base_carries_detectron2_defaults(in_root):
       "model.keypoint_head.enabled": False, "model.keypoint_head.num_keypoints": 17,
       "model.keypoint_head.num_convs": 8, "model.keypoint_head.conv_dim": 512,
       "model.keypoint_head.min_visible_per_image": 1, "model.compute_dtype": "float32",
+      "train.skip_nonfinite": False, "train.max_consecutive_nonfinite": 10,
       "input.pixel_format": "BGR", "input.pixel_scale": 255.0, "input.pixel_mean": (103.53, 116.28, 123.675),
       "input.pixel_std": (1.0, 1.0, 1.0), "input.resize_mode": "detectron2",
       "input.min_size_train": (640, 672, 704, 736, 768, 800), "input.max_size_train": 1333,
@@ -206,19 +207,37 @@ def test_base_carries_detectron2_defaults(in_root):
   }
   flat = _flat(_load(BASE))
   assert {k: flat[k] for k in expected} == expected
+  # COCO's 80 names in contiguous label order: the names of the categories by increasing id.
+  names = flat["model.class_names"]
+  assert len(names) == 80 and names == tuple(n for n in TV_COCO_NAMES if n != "N/A")
+  assert (names[0], names[11], names[79]) == ("person", "stop sign", "toothbrush")
 
 
 # Each variant against the config it builds on: exactly these fields change, to exactly these values.
 TV_EPOCH, TV_KP_EPOCH = 7330, 3500
+# torchvision's weights meta (_COCO_CATEGORIES) without "__background__": label == COCO id, "N/A" in the gaps.
+TV_COCO_NAMES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "N/A", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "N/A", "backpack", "umbrella", "N/A", "N/A", "handbag", "tie",
+    "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
+    "skateboard", "surfboard", "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork", "knife", "spoon",
+    "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake",
+    "chair", "couch", "potted plant", "bed", "N/A", "dining table", "N/A", "N/A", "toilet", "N/A", "tv", "laptop",
+    "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A",
+    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)
 VARIANTS = {
     "mask_rcnn_R50_FPN_3x": (BASE, {
         "train.max_iter": 270000, "train.steps": (210000, 250000), "train.eval_every": 270000}),
     "mask_rcnn_R101_FPN_3x": ("mask_rcnn_R50_FPN_3x", {"model.backbone.depth": 101}),
     "keypoint_rcnn_R50_FPN_1x": (BASE, {
-        "model.num_classes": 1, "model.rpn.post_nms_topk_train": 1500, "model.roi_heads.smooth_l1_beta": 0.5,
+        "model.num_classes": 1, "model.class_names": ("person",), "model.rpn.post_nms_topk_train": 1500,
+        "model.roi_heads.smooth_l1_beta": 0.5,
         "model.mask_head.enabled": False, "model.keypoint_head.enabled": True}),
     "torchvision_maskrcnn_r50_fpn": (BASE, {
-        "model.num_classes": 90, "model.label_space": "coco_ids", "model.loss_convention": "torchvision",
+        "model.num_classes": 90, "model.label_space": "coco_ids", "model.class_names": TV_COCO_NAMES,
+        "model.loss_convention": "torchvision",
         "model.backbone.stride_in_1x1": False,
         "model.anchors.convention": "torchvision", "model.rpn.post_nms_topk_train": 2000,
         "model.rpn.min_size": 1e-3, "model.rpn.score_thresh": 0.0, "model.rpn.smooth_l1_beta": 1 / 9,
@@ -232,8 +251,9 @@ VARIANTS = {
         "train.steps": (16 * TV_EPOCH, 22 * TV_EPOCH), "train.checkpoint_every": TV_EPOCH,
         "train.eval_every": TV_EPOCH}),
     "torchvision_keypointrcnn_r50_fpn": ("torchvision_maskrcnn_r50_fpn", {
-        "model.num_classes": 1, "model.mask_head.enabled": False, "model.keypoint_head.enabled": True,
-        "model.keypoint_head.min_visible_per_image": 10, "input.min_size_train": (640, 672, 704, 736, 768, 800),
+        "model.num_classes": 1, "model.class_names": ("person",), "model.mask_head.enabled": False,
+        "model.keypoint_head.enabled": True, "model.keypoint_head.min_visible_per_image": 10,
+        "input.min_size_train": (640, 672, 704, 736, 768, 800),
         "train.max_iter": 46 * TV_KP_EPOCH, "train.steps": (36 * TV_KP_EPOCH, 43 * TV_KP_EPOCH),
         "train.checkpoint_every": TV_KP_EPOCH, "train.eval_every": TV_KP_EPOCH}),
 }
@@ -304,6 +324,8 @@ def test_shapes_config_is_the_base_shrunk_for_a_cpu(in_root):
   shapes, base = _load("shapes"), _load(BASE)
   assert shapes.is_locked and shapes.dataset.name == "shapes"
   assert shapes.model.num_classes == 3 and shapes.input.canvases == ((128, 128),)
+  from mrcnn_jax.data import shapes as shapes_data  # pylint: disable=import-outside-toplevel
+  assert shapes.model.class_names == shapes_data.CLASSES
   # From scratch: statistics are learned and nothing is frozen.
   assert shapes.model.backbone.norm == "BN" and shapes.model.backbone.freeze_at == 0 and not shapes.init_from
   # Every field of the base exists in the shapes config; it only adds dataset.shapes.

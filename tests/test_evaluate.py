@@ -429,6 +429,26 @@ def test_tfds_source_scores_like_the_json(tmp_path):
     assert _same(from_tfds[key], value), key
 
 
+def test_a_val_set_with_another_number_of_categories_is_refused_before_inference(tiny):
+  config, _, paths = tiny
+  config = copy.deepcopy(config)
+  config.dataset.val_json, config.dataset.val_image_dir = str(paths["val_annotations"]), str(paths["val_images"])
+  config.model.num_classes = 1
+  with pytest.raises(ValueError, match=rf"^{paths['val_annotations']} \(config.dataset.val_json\): the dataset has 3 "
+                                       r"categories \(circle, square, triangle\), the model has 1 \(model.num_classes"):
+    evaluate.load_eval_source(config)
+
+
+def test_a_config_without_a_val_set_takes_the_checkpoints(load_config):
+  config = load_config("mask_rcnn_R50_FPN_1x")
+  saved = {"dataset": {"val_json": "/data/val.json", "val_image_dir": "/data/val", "tfds_data_dir": None}}
+  filled = evaluate._with_saved_val_set(config, saved)
+  assert (filled.dataset.val_json, filled.dataset.val_image_dir) == ("/data/val.json", "/data/val")
+  named = load_config("mask_rcnn_R50_FPN_1x")
+  named.dataset.val_json, named.dataset.val_image_dir = "/mine.json", "/mine"  # what the user names stands
+  assert evaluate._with_saved_val_set(named, saved).dataset.val_json == "/mine.json"
+
+
 def test_image_id_check_names_unknown_and_repeated_images():
   evaluate.check_image_ids([1, 2, 3], [3, 1, 2])
   with pytest.raises(ValueError, match=r"not in the ground truth: image ids 9.*more than once: image ids 2"):
@@ -509,15 +529,16 @@ def test_end_to_end_on_shapes(tiny, tmp_path):
       assert _same(metrics[f"{task}/{name}"], value), (task, name)
 
 
-def test_command_line(tiny, tmp_path):
+def test_command_line_without_config_takes_the_checkpoints(tiny, tmp_path):
+  """The checkpoint carries its config, val set included (as a training run's does): `--checkpoint` is enough, no
+  training override repeated."""
   config, variables, paths = tiny
-  ckpt = checkpoint.save_variables(tmp_path / "ckpt", variables, config=config)
+  saved = copy.deepcopy(config)
+  saved.dataset.val_json, saved.dataset.val_image_dir = str(paths["val_annotations"]), str(paths["val_images"])
+  ckpt = checkpoint.save_variables(tmp_path / "ckpt", variables, config=saved)
   # A fresh interpreter outside the checkout: the source tree's mrcnn_jax has no kernels/ subpackage.
   done = subprocess.run(
-      [sys.executable, "-m", "mrcnn_jax.evaluate", f"--config={BASE_CONFIG}", f"--checkpoint={ckpt}",
-       *tiny_model.flags(OVERRIDES),
-       f"--config.dataset.val_json={paths['val_annotations']}",
-       f"--config.dataset.val_image_dir={paths['val_images']}"],
+      [sys.executable, "-m", "mrcnn_jax.evaluate", f"--checkpoint={ckpt}"],
       cwd=tmp_path, capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
       timeout=300, check=False)
   assert done.returncode == 0, done.stderr[-3000:]

@@ -317,3 +317,31 @@ def test_coco_results_errors():
     to_coco_results([pred], [1, 2])
   with pytest.raises(ValueError, match="label 3 of image 9"):
     to_coco_results([pred], [9], category_ids=[0, 1, 2])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# From a checkpoint.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_from_checkpoint_runs_with_the_saved_config_or_a_matching_one(tmp_path, load_config):
+  """The config saved with the checkpoint (class names included), or a given one checked against it; the variables
+  are the checkpoint's. Nothing runs here: the Predictor only builds its jitted program."""
+  from mrcnn_jax import checkpoint
+
+  config = load_config("shapes")
+  config.model.class_names = ("disc", "ring", "blob")
+  variables = {"params": {"w": np.arange(3, dtype=np.float32)}, "batch_stats": {}}
+  path = checkpoint.save_variables(tmp_path / "ckpt", variables, config=config)
+
+  predictor = Predictor.from_checkpoint(path, batch_size=2)
+  assert predictor.batch_size == 2 and predictor.config.to_dict() == config.to_dict()
+  np.testing.assert_array_equal(predictor.variables["params"]["w"], variables["params"]["w"])
+  given = load_config("shapes")
+  given.model.roi_heads.score_thresh_test = 0.3  # a model field other than the checkpoint's
+  with pytest.raises(ValueError, match=r"model.roi_heads.score_thresh_test: 0.05 in the checkpoint, 0.3 in the "
+                                       r"given config"):
+    Predictor.from_checkpoint(path, config=given)
+  same = load_config("shapes")
+  assert Predictor.from_checkpoint(path, config=same).config.model.class_names == ("disc", "ring", "blob")
+  assert same.model.class_names == ("circle", "square", "triangle")  # the given config is copied, not changed

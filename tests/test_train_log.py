@@ -26,6 +26,26 @@ def test_jsonl_appends_across_writers(tmp_path):
   assert lines == [{"iteration": 1, "total_loss": 2.0}, {"iteration": 2, "total_loss": 1.0, "lr": 0.1}]
 
 
+def test_resumed_jsonl_writer_drops_the_lines_a_killed_run_wrote_past_the_checkpoint(tmp_path):
+  # A run logs steps 1..5 and is killed mid-line; it resumes from its checkpoint of step 3 and logs 4..6 again.
+  path = tmp_path / "metrics.jsonl"
+  with train_log.JsonlWriter(path) as w:
+    for step in range(1, 6):
+      w.write(step, {"total_loss": float(step)})
+  with open(path, "a") as f:
+    f.write('{"iteration": 6, "total_lo')  # kill -9 during a write
+  with train_log.JsonlWriter(path, start_step=3) as w:
+    for step in range(4, 7):
+      w.write(step, {"total_loss": 10.0 * step})
+  lines = [json.loads(x) for x in path.read_text().splitlines()]
+  assert [(x["iteration"], x["total_loss"]) for x in lines] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0),
+                                                                (6, 60.0)]
+  # A fresh run in the same workdir (no checkpoint yet: step 0) starts the file again.
+  with train_log.MetricWriters.for_workdir(tmp_path, start_step=0) as w:
+    w.write(1, {"total_loss": 0.5})
+  assert path.read_text().splitlines() == ['{"iteration": 1, "total_loss": 0.5}']
+
+
 def _scalars(logdir):
   """{tag: [(step, value), ...]} as TensorBoard reads `logdir` (restarts purged as it purges them)."""
   from tensorboard.backend.event_processing import event_accumulator

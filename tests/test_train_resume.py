@@ -1,6 +1,7 @@
 """The training loop resumes exactly: 6 steps straight and 3 steps + restart + 3 steps end with the same params and
-the same loss curve (checkpointed params, optimizer state, step, and the input iterator's position); the TensorBoard
-events of the two calls read back as the one series of metrics.jsonl."""
+the same loss curve (checkpointed params, optimizer state, step, and the input iterator's position); metrics.jsonl
+holds each step once, even after a killed run logged steps past its checkpoint, and the TensorBoard events of the
+calls read back as the same one series."""
 
 import json
 
@@ -8,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from mrcnn_jax import train
+from mrcnn_jax import train, train_log
 from mrcnn_jax.data import coco, shapes
 
 
@@ -70,15 +71,24 @@ def test_resume_gives_the_same_run(tmp_path, load_config):
   straight = train.train(config, tmp_path / "a", source=source)
   train.train(config, tmp_path / "b", source=source, stop_after=3)
   assert len(_losses(tmp_path / "b")) == 3
+  # A run that went on from the checkpoint of step 3, logged steps 4 and 5, and was killed (kill -9) before saving
+  # again: its lines and events are in the workdir, and the resumed run replays those steps.
+  with train_log.JsonlWriter(tmp_path / "b" / "metrics.jsonl") as killed:
+    for step in (4, 5):
+      killed.write(step, {"total_loss": 99.0, "lr": 0.5})
+  with train_log.TensorBoardWriter(tmp_path / "b" / "tensorboard", start_step=3) as killed:
+    for step in (4, 5):
+      killed.write(step, {"total_loss": 99.0, "lr": 0.5})
   resumed = train.train(config, tmp_path / "b", source=source)
 
   assert int(straight.step) == int(resumed.step) == 6
   np.testing.assert_allclose(_losses(tmp_path / "b"), _losses(tmp_path / "a"), rtol=1e-6)
   for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
-  # The resumed run's events (two event files) read back as one series, equal to metrics.jsonl.
+  # Each step once in metrics.jsonl (the killed run's 4 and 5 dropped, the assert_allclose above compares the whole
+  # series), and the three event files read back as the same one series.
   _assert_tensorboard_matches_jsonl(tmp_path / "b")
-  assert len(list((tmp_path / "b" / "tensorboard").iterdir())) == 2
+  assert len(list((tmp_path / "b" / "tensorboard").iterdir())) == 3
   losses = _losses(tmp_path / "a")
   assert len(set(losses)) == 6  # the steps differ (a test that compared one repeated batch would pass trivially)
 

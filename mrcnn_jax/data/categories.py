@@ -1,4 +1,10 @@
-"""Display names of a model's labels: COCO's category names, and the names a config's dataset gives."""
+"""A model's labels and a dataset's categories: display names, and the check that the two agree.
+
+A model's class names are a config field, `model.class_names`: the names of labels 1..K, () when unknown. The
+COCO configs set COCO's names; the trainer sets the training set's names before it saves the config with the
+checkpoint (`dataset_class_names`), so that evaluation and prediction from a checkpoint name what it was trained on.
+`check_dataset_matches_model` stops a run whose dataset has another number of categories than the model has labels.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +25,57 @@ COCO_CATEGORY_NAMES = {
     77: "cell phone", 78: "microwave", 79: "oven", 80: "toaster", 81: "sink", 82: "refrigerator", 84: "book",
     85: "clock", 86: "vase", 87: "scissors", 88: "teddy bear", 89: "hair drier", 90: "toothbrush",
 }
+# The name of a label that is no category (a gap in a "coco_ids" label space), as torchvision's weights meta has it.
+NO_CATEGORY = "N/A"
+
+
+def coco_class_names() -> tuple[str, ...]:
+  """COCO's 80 names in contiguous label order (label l is the l-th category by increasing id)."""
+  return tuple(COCO_CATEGORY_NAMES[i] for i in sorted(COCO_CATEGORY_NAMES))
+
+
+def coco_id_class_names(num_classes: int = 90) -> tuple[str, ...]:
+  """The names of labels 1..num_classes when label == COCO category id: NO_CATEGORY in the gaps (torchvision's
+  _COCO_CATEGORIES without its background entry)."""
+  return tuple(COCO_CATEGORY_NAMES.get(i, NO_CATEGORY) for i in range(1, int(num_classes) + 1))
+
+
+def dataset_class_names(category_map, label_space: str, num_classes: int) -> tuple[str, ...]:
+  """The names of labels 1..num_classes for a dataset's `records.CategoryMap` in a model's label space.
+
+  "contiguous": the categories by increasing id (the CategoryMap's order); "coco_ids": label == category id, with
+  NO_CATEGORY for ids the dataset does not have. Call `check_dataset_matches_model` first: the names assume that the
+  dataset fits the model's labels.
+  """
+  if label_space == "coco_ids":
+    by_id = dict(zip(category_map.category_ids, category_map.names))
+    return tuple(str(by_id.get(i, NO_CATEGORY)) for i in range(1, int(num_classes) + 1))
+  return tuple(str(n) for n in category_map.names)
+
+
+def check_dataset_matches_model(config, category_map, where: str) -> None:
+  """Raise ValueError when the dataset's categories do not fit the model's labels (config.model.num_classes in its
+  label_space): a mismatch trains on labels the classifier does not have, which shows up as a non-finite loss.
+
+  where: names the dataset in the message (the annotation file and the config key it came from).
+  """
+  model = config.model
+  num_classes = int(model.num_classes)
+  names = ", ".join(_shown(category_map.names))
+  if model.label_space == "coco_ids":
+    largest = max(category_map.category_ids)
+    if largest > num_classes or min(category_map.category_ids) < 1:
+      raise ValueError(f"{where}: the dataset's category ids go up to {largest} ({names}), the model's labels are "
+                       f"the COCO category ids 1..{num_classes} (model.label_space 'coco_ids', model.num_classes)")
+    return
+  if category_map.num_classes != num_classes:
+    raise ValueError(f"{where}: the dataset has {category_map.num_classes} categories ({names}), the model has "
+                     f"{num_classes} (model.num_classes); set --config.model.num_classes={category_map.num_classes}")
+
+
+def _shown(names, limit: int = 10) -> list[str]:
+  names = [str(n) for n in names]
+  return names[:limit] + ([f"... {len(names) - limit} more"] if len(names) > limit else [])
 
 
 def _config_get(config, *keys):
@@ -31,37 +88,29 @@ def _config_get(config, *keys):
   return config
 
 
-def class_names_for_config(config) -> list[str | None] | None:
-  """Display names indexed by label (entry 0 "background"; None for unused labels), or None when unknown.
+def class_names_for_config(config) -> list[str] | None:
+  """Display names indexed by label (entry 0 "background"), or None when unknown.
 
-  Looked up, in order: the categories of `dataset.val_json` when that file exists (any COCO-format dataset);
-  COCO's names for a COCO dataset (`dataset.name` containing "coco") or for the "coco_ids" label space, where
-  label == category id; the synthetic set's `data.shapes.CLASSES` for `dataset.name` "shapes".
+  Looked up, in order: `model.class_names` (the names of labels 1..K) when it holds num_classes names; the
+  categories of `dataset.val_json` when that file exists and fits the label space (contiguous: as many categories as
+  classes; coco_ids: ids up to num_classes).
   """
   num_classes = int(_config_get(config, "model", "num_classes") or 0)
   label_space = _config_get(config, "model", "label_space")
-  dataset = str(_config_get(config, "dataset", "name") or "").lower()
+  names = _config_get(config, "model", "class_names")
+  if names and len(names) == num_classes:
+    return ["background", *(str(n) for n in names)]
   val_json = _config_get(config, "dataset", "val_json")
-  if label_space != "coco_ids" and val_json and os.path.isfile(val_json):
+  if val_json and os.path.isfile(val_json):
     try:
       with open(val_json) as f:
         categories = json.load(f)["categories"]
-      # Contiguous labels follow increasing category id (`data.records.CategoryMap`).
-      names = [str(c.get("name", c["id"])) for c in sorted(categories, key=lambda c: c["id"])]
-      if len(names) == num_classes:
-        return ["background", *names]
+      by_id = {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
+      if label_space == "coco_ids":
+        if by_id and max(by_id) <= num_classes:
+          return ["background", *(by_id.get(i, NO_CATEGORY) for i in range(1, num_classes + 1))]
+      elif len(by_id) == num_classes:
+        return ["background", *(by_id[i] for i in sorted(by_id))]  # contiguous labels follow increasing id
     except (OSError, ValueError, KeyError, TypeError):
       pass  # an unreadable file only costs the names; evaluation reports it properly
-  if label_space == "coco_ids":
-    return ["background"] + [COCO_CATEGORY_NAMES.get(i) for i in range(1, num_classes + 1)]
-  if "coco" in dataset:
-    coco_names = [COCO_CATEGORY_NAMES[i] for i in sorted(COCO_CATEGORY_NAMES)]
-    # 80 classes: all of COCO; 1 class: the person keypoint set, whose only category is person (id 1).
-    if num_classes in (len(coco_names), 1):
-      return ["background", *coco_names[:num_classes]]
-  if dataset == "shapes":
-    from mrcnn_jax.data import shapes  # pylint: disable=import-outside-toplevel
-
-    if num_classes == len(shapes.CLASSES):
-      return ["background", *shapes.CLASSES]
   return None

@@ -5,16 +5,25 @@ float32 in original pixels (COCO's XYWH converted here, at the edge), contiguous
 `CategoryMap`, masks as compressed RLE dicts whatever the JSON used (polygons, uncompressed or compressed RLE), and
 keypoints as (n, K, 3) float32.
 
-What is dropped, and why:
+What is fixed or dropped, and why:
+  * a box that reaches outside its image is clipped to the image (boxes, masks and the image must agree); one that
+    overshoots by up to `CLIP_TOLERANCE` px (COCO's own boxes do, by rounding) silently, one farther out counted;
+  * an instance whose box has a negative width or height: no box can be made of it (COCO's XYWH never has one
+    unless the file is broken), so it is dropped, not flipped;
   * an instance whose box (clipped to the image) is narrower or shorter than `min_box_size`: it gives degenerate
     regression targets and an empty mask crop;
   * a polygon with fewer than 3 points (or an odd number of coordinates): pycocotools cannot rasterize it; the
     instance goes with it when no valid polygon remains, since its mask target would be empty;
   * with `train=True` and `skip_empty`, an image without any usable (non-crowd) instance: it has no foreground to
-    learn from. Evaluation (`train=False`) keeps every image, so that COCOeval scores exactly the file's N images.
-Drops are counted in `CocoSource.stats` and reported once, in one summary `warnings.warn` (a warning rather than a
-log line, so that it reaches a user who has not configured logging, and tests can catch it); the normal summary
-(images kept, skipped) goes to `logging` at INFO.
+    learn from. Evaluation (`train=False`) keeps every image, so that COCOeval scores exactly the file's N images;
+  * with `train=True` and `min_keypoints_per_image` K > 0, an image whose kept instances have fewer than K visible
+    keypoints (visibility > 0) in all: Detectron2's MIN_KEYPOINTS_PER_IMAGE, torchvision's min_keypoints_per_image.
+Fixes and drops are counted in `CocoSource.stats` and reported once, in one summary `warnings.warn` (a warning
+rather than a log line, so that it reaches a user who has not configured logging, and tests can catch it); the
+normal summary (images kept, skipped) goes to `logging` at INFO.
+
+Images are decoded by `read_image`, the one decoder of training, evaluation and prediction (see there for 16-bit
+and other non-8-bit files).
 
 Malformed input fails at load time with an error naming the annotation file and, where it applies, the annotation
 id: a wrong category id or keypoint length is a data bug that training must not paper over.
@@ -41,6 +50,17 @@ from mrcnn_jax.data.records import CategoryMap, ImageRecord
 log = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
+# A box may overshoot its image by this much (pixels) before its clipping is reported: COCO's boxes, computed from
+# polygons, overshoot by fractions of a pixel.
+CLIP_TOLERANCE = 1.0
+# `CocoSource.stats` of the fixes and drops that the one summary warning reports, with what each count means.
+_FIX_MESSAGES = (
+    ("dropped_negative_boxes", "dropped {} instances whose box has a negative width or height"),
+    ("dropped_small_boxes", "dropped {} instances with a box side under {min_box_size} px"),
+    ("dropped_invalid_polygons", "dropped {} instances without a valid mask"),
+    ("removed_polygons", "removed {} invalid polygons (fewer than 3 points)"),
+    ("clipped_boxes", "clipped {} boxes reaching more than {tolerance} px outside their image to the image"),
+)
 
 
 @dataclasses.dataclass
@@ -52,9 +72,11 @@ class CocoSource:
   category_map: the dataset's category ids <-> contiguous labels 1..K.
   coco: the pycocotools `COCO` object over the whole file (all images, all annotations, nothing dropped), for
     evaluation with COCOeval. Not pickled (None in a copy sent to a loader worker).
-  stats: counts: images (in the file), kept (records), skipped_empty, instances (kept), crowd (kept crowd
-    instances), dropped_small_boxes, dropped_invalid_polygons (instances left without a valid mask),
-    removed_polygons (individual invalid polygons removed, whether or not their instance survived).
+  stats: counts: images (in the file), kept (records), skipped_empty, skipped_few_keypoints (training images with
+    fewer visible keypoints than asked), instances (kept), crowd (kept crowd instances), dropped_negative_boxes,
+    dropped_small_boxes, dropped_invalid_polygons (instances left without a valid mask), removed_polygons
+    (individual invalid polygons removed, whether or not their instance survived), clipped_boxes (kept instances
+    whose box reached more than CLIP_TOLERANCE px outside the image).
   num_keypoints: K of the records' (n, K, 3) keypoints, or None when the dataset has none.
   """
 
@@ -96,14 +118,18 @@ class CocoSource:
 
 
 def load_coco(annotation_file, image_dir, *, train: bool, skip_empty: bool = True, min_box_size: float = 1.0,
-              num_keypoints: int | None = None) -> CocoSource:
+              num_keypoints: int | None = None, min_keypoints_per_image: int = 0) -> CocoSource:
   """Read a COCO-format annotation file and describe its images as `ImageRecord`s.
 
   annotation_file: path of the JSON (instances_*.json, person_keypoints_*.json, or the same format).
   image_dir: folder the JSON's "file_name"s are relative to.
-  train: training keeps only images with a usable instance (when `skip_empty`); evaluation keeps every image.
+  train: training keeps only images with a usable instance (when `skip_empty`) and, with min_keypoints_per_image,
+    enough visible keypoints; evaluation keeps every image.
   min_box_size: instances whose clipped box is narrower or shorter than this (pixels) are dropped.
   num_keypoints: K; by default the length of the categories' "keypoints" name lists (None if no category has one).
+  min_keypoints_per_image: with `train`, images whose kept instances have fewer visible keypoints (visibility > 0)
+    than this, all instances together, are skipped (config model.keypoint_head.min_visible_per_image, when the
+    keypoint head is on); 0 keeps them all.
   Returns a `CocoSource`. Records carry masks (compressed RLE) when any annotation has a segmentation, keypoints
   (n, K, 3) float32 when K is known (zeros, i.e. "not labeled", for instances without keypoints).
 
@@ -131,8 +157,7 @@ def load_coco(annotation_file, image_dir, *, train: bool, skip_empty: bool = Tru
   with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress lines
     coco.createIndex()
 
-  stats = dict(images=len(dataset["images"]), kept=0, skipped_empty=0, instances=0, crowd=0, dropped_small_boxes=0,
-               dropped_invalid_polygons=0, removed_polygons=0)
+  stats = new_stats(len(dataset["images"]))
   records = []
   for image in dataset["images"]:
     height, width = int(image["height"]), int(image["width"])
@@ -143,51 +168,140 @@ def load_coco(annotation_file, image_dir, *, train: bool, skip_empty: bool = Tru
                                    stats)
       if instance is not None:
         instances.append(instance)
-    if train and skip_empty and not any(not inst["is_crowd"] for inst in instances):
-      stats["skipped_empty"] += 1
+    record = _make_record(image, image_dir, height, width, instances, has_masks, num_keypoints)
+    if train and not keep_for_training(record, stats, skip_empty=skip_empty,
+                                       min_keypoints_per_image=min_keypoints_per_image):
       continue
-    records.append(_make_record(image, image_dir, height, width, instances, has_masks, num_keypoints))
-    stats["instances"] += len(instances)
-    stats["crowd"] += sum(inst["is_crowd"] for inst in instances)
+    count_instances(record, stats)
+    records.append(record)
   stats["kept"] = len(records)
 
-  log.info("%s: %d of %d images kept (%d skipped without usable annotations), %d instances (%d crowd)",
-           annotation_file, stats["kept"], stats["images"], stats["skipped_empty"], stats["instances"], stats["crowd"])
-  if stats["dropped_small_boxes"] or stats["dropped_invalid_polygons"] or stats["removed_polygons"]:
-    warnings.warn(
-        f"{annotation_file}: dropped {stats['dropped_small_boxes']} instances with a box side under {min_box_size} px "
-        f"and {stats['dropped_invalid_polygons']} instances without a valid mask; removed "
-        f"{stats['removed_polygons']} invalid polygons (fewer than 3 points); kept {stats['instances']} instances "
-        f"in {stats['kept']} images", stacklevel=2)
+  log.info("%s: %s", annotation_file, summary(stats, min_keypoints_per_image))
+  fixes = fixes_message(stats, min_box_size)
+  if fixes:
+    warnings.warn(f"{annotation_file}: {fixes}; kept {stats['instances']} instances in {stats['kept']} images",
+                  stacklevel=2)
   return CocoSource(records, category_map, coco, stats, annotation_file, image_dir, num_keypoints)
+
+
+def new_stats(num_images: int) -> dict[str, int]:
+  """The zeroed `CocoSource.stats` of a file of `num_images` images (the tfds source keeps the same counts)."""
+  return dict(images=int(num_images), kept=0, skipped_empty=0, skipped_few_keypoints=0, instances=0, crowd=0,
+              dropped_negative_boxes=0, dropped_small_boxes=0, dropped_invalid_polygons=0, removed_polygons=0,
+              clipped_boxes=0)
+
+
+def keep_for_training(record: ImageRecord, stats: dict, *, skip_empty: bool, min_keypoints_per_image: int) -> bool:
+  """Whether a training set keeps `record` (see the module docstring); a skipped one is counted in `stats`
+  (skipped_empty or skipped_few_keypoints). Shared with the tfds source, which applies the same rules at read time."""
+  if skip_empty and not np.any(~np.asarray(record.is_crowd, bool)):
+    stats["skipped_empty"] += 1
+    return False
+  if min_keypoints_per_image > 0:
+    visible = 0 if record.keypoints is None else int((np.asarray(record.keypoints)[..., 2] > 0).sum())
+    if visible < min_keypoints_per_image:
+      stats["skipped_few_keypoints"] += 1
+      return False
+  return True
+
+
+def count_instances(record: ImageRecord, stats: dict) -> None:
+  """Adds a kept record's instances (and its crowd ones) to `stats`."""
+  stats["instances"] += record.num_instances
+  stats["crowd"] += int(np.asarray(record.is_crowd, bool).sum())
+
+
+def summary(stats: dict, min_keypoints_per_image: int = 0) -> str:
+  """The one-line INFO summary of a loaded set's `stats`: images kept and skipped, instances."""
+  skipped = f"{stats['skipped_empty']} skipped without usable annotations"
+  if min_keypoints_per_image > 0:
+    skipped += f", {stats['skipped_few_keypoints']} with fewer than {min_keypoints_per_image} visible keypoints"
+  return (f"{stats['kept']} of {stats['images']} images kept ({skipped}), {stats['instances']} instances "
+          f"({stats['crowd']} crowd)")
+
+
+def fixes_message(stats: dict, min_box_size: float) -> str:
+  """What was fixed or dropped in the annotations, from `stats` ("" when nothing was): the one warning's text."""
+  parts = [text.format(stats[key], min_box_size=min_box_size, tolerance=CLIP_TOLERANCE)
+           for key, text in _FIX_MESSAGES if stats.get(key)]
+  return "; ".join(parts)
 
 
 def read_image(path, expected_hw: tuple[int, int] | None = None, *, data: bytes | None = None) -> np.ndarray:
   """Decode an image file (or its encoded bytes, `data`, with `path` naming it in messages) to (H, W, 3) uint8 RGB.
 
-  Grayscale, palette, RGBA (alpha dropped, not composited), CMYK and other modes are converted by PIL. The EXIF
-  orientation is not applied: COCO's annotations refer to the stored pixel grid, as pycocotools and torchvision read
-  it. expected_hw: (height, width) from the annotation file; a decoded image of another size means the annotations
-  do not belong to it, so it is an error.
-  Raises FileNotFoundError for a missing file and ValueError for undecodable or truncated data, or a wrong size;
-  every message names the file.
+  The one decoder of training, evaluation and prediction (the COCO and tfds sources, `mrcnn_jax.predict`), so a
+  file reads the same everywhere. By PIL mode:
+    RGB, L, P (palette), 1, CMYK, YCbCr, ...   converted to RGB by PIL; grey levels repeated over the channels;
+    RGBA, LA, PA, RGBa, La                     alpha dropped (not composited over a background);
+    16-bit samples                             scaled to 8 bits over the full 16-bit range by their high byte,
+                                               value >> 8 (what PIL itself does with 48-bit RGB PNGs, whose mode is
+                                               RGB): 0 -> 0, 65535 -> 255, and an 8-bit image widened by v * 257
+                                               reads back exactly. 16-bit grayscale opens as I;16 (PNG, TIFF), or as
+                                               I with 16-bit raw data (PGM);
+    I (32-bit integers), F (32-bit floats)     refused: they have no standard range to map to 8 bits (PIL's own
+                                               conversion clips everything above 255 to white).
+  The EXIF orientation is not applied: COCO's annotations refer to the stored pixel grid, as pycocotools and
+  torchvision read it. expected_hw: (height, width) from the annotation file; a decoded image of another size means
+  the annotations do not belong to it, so it is an error.
+  Raises FileNotFoundError for a missing file, IsADirectoryError for a directory, and ValueError for undecodable or
+  truncated data, an unsupported pixel format, or a wrong size; every message names the file.
   """
   path = os.fspath(path)
   try:
     with Image.open(path if data is None else io.BytesIO(data)) as img:
+      sixteen_bit = _has_16_bit_samples(img)  # from the decoder's raw mode: known only before load()
       img.load()  # decode now: a truncated file fails here, not later inside np.asarray
-      rgb = img if img.mode == "RGB" else img.convert("RGB")
-      array = np.asarray(rgb, dtype=np.uint8)
+      array = _to_rgb8(img, sixteen_bit, path)
   except FileNotFoundError:
     raise FileNotFoundError(f"image file not found: {path}") from None
+  except IsADirectoryError:
+    raise IsADirectoryError(f"{path} is a directory, not an image file") from None
   # PIL signals a bad file with UnidentifiedImageError / OSError (truncated data), SyntaxError (some decoders),
   # ValueError or DecompressionBombError (absurd sizes); all mean "this file is not a usable image".
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    if isinstance(e, _UnsupportedImage):
+      raise ValueError(str(e)) from None
     raise ValueError(f"cannot decode image file {path}: {type(e).__name__}: {e}") from e
   if expected_hw is not None and tuple(array.shape[:2]) != tuple(expected_hw):
     raise ValueError(f"image file {path} decodes to height x width {array.shape[0]} x {array.shape[1]}, but the "
                      f"annotation file says {expected_hw[0]} x {expected_hw[1]}")
   return array
+
+
+class _UnsupportedImage(ValueError):
+  """A decodable image whose pixel format `read_image` refuses (its message is the whole story)."""
+
+
+def _has_16_bit_samples(img: Image.Image) -> bool:
+  """Whether PIL decodes `img` from 16-bit samples: its mode says so (I;16...), or its raw mode does (mode I over
+  I;16 data, as PIL opens 16-bit PGM files). Call before `load()`, which empties `tile`."""
+  if img.mode.startswith("I;16"):
+    return True
+  for tile in getattr(img, "tile", None) or ():
+    args = getattr(tile, "args", None)
+    rawmode = args[0] if isinstance(args, tuple) and args else args
+    if isinstance(rawmode, str) and rawmode.startswith("I;16"):
+      return True
+  return False
+
+
+def _to_rgb8(img: Image.Image, sixteen_bit: bool, path: str) -> np.ndarray:
+  """A loaded PIL image -> (H, W, 3) uint8 RGB (the conventions of `read_image`)."""
+  if img.mode == "RGB":
+    return np.asarray(img, dtype=np.uint8)
+  if img.mode in ("I", "F") or img.mode.startswith("I;"):
+    if not sixteen_bit:
+      kind = "32-bit float" if img.mode == "F" else "32-bit integer"
+      raise _UnsupportedImage(
+          f"image file {path} has {kind} pixels (PIL mode {img.mode}), which have no standard range to map to 8 "
+          f"bits; save it with 8 or 16 bits per channel")
+    samples = np.asarray(img).astype(np.int64)  # any byte order; "I" holds the 16-bit values in 32-bit integers
+    if samples.min() < 0 or samples.max() > 0xFFFF:  # cannot happen for 16-bit raw data; kept so nothing wraps
+      raise _UnsupportedImage(f"image file {path}: 16-bit pixels outside 0..65535")
+    gray = (samples >> 8).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)
+  return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
 def decode_masks(record: ImageRecord) -> np.ndarray:
@@ -307,8 +421,11 @@ def _parse_annotation(ann, height, width, where, category_map, num_keypoints, ha
     raise ValueError(f"{where}: unknown category id {ann['category_id']!r} (the file's categories are "
                      f"{list(category_map.category_ids)})") from None
   keypoints = _parse_keypoints(ann.get("keypoints"), num_keypoints, where)
-  box = _parse_box(ann["bbox"], height, width, where)
+  box, overshoot = _parse_box(ann["bbox"], height, width, where)
 
+  if box is None:
+    stats["dropped_negative_boxes"] += 1
+    return None
   if box[2] - box[0] < min_box_size or box[3] - box[1] < min_box_size:
     stats["dropped_small_boxes"] += 1
     return None
@@ -319,21 +436,29 @@ def _parse_annotation(ann, height, width, where, category_map, num_keypoints, ha
     if rle is None:
       stats["dropped_invalid_polygons"] += 1
       return None
+  if overshoot > CLIP_TOLERANCE:  # counted for kept instances only: a box clipped to nothing is a small box
+    stats["clipped_boxes"] += 1
   return dict(box=box, label=label, is_crowd=bool(ann.get("iscrowd", 0)), rle=rle, keypoints=keypoints, id=ann["id"])
 
 
-def _parse_box(bbox, height, width, where) -> np.ndarray:
-  """COCO XYWH -> (4,) float32 XYXY clipped to the image (annotations may overshoot the border by rounding)."""
+def _parse_box(bbox, height, width, where) -> tuple[np.ndarray | None, float]:
+  """COCO XYWH -> ((4,) float32 XYXY clipped to the image, how far (px) it reached outside the image before).
+
+  The box is None when its width or height is negative (dropped by the caller).
+  """
   try:
     x, y, w, h = (float(v) for v in bbox)
   except (TypeError, ValueError):
     raise ValueError(f"{where}: bbox must be 4 numbers [x, y, width, height], got {bbox!r}") from None
   if not all(math.isfinite(v) for v in (x, y, w, h)):
     raise ValueError(f"{where}: bbox has non-finite values {bbox!r}")
+  if w < 0 or h < 0:
+    return None, 0.0
   box = np.array([x, y, x + w, y + h], np.float64)
-  box[0::2] = np.clip(box[0::2], 0.0, width)
-  box[1::2] = np.clip(box[1::2], 0.0, height)
-  return box.astype(np.float32)
+  limits = np.array([width, height, width, height], np.float64)
+  overshoot = float(max(np.max(-box), np.max(box - limits), 0.0))
+  box = np.clip(box, 0.0, limits)
+  return box.astype(np.float32), overshoot
 
 
 def _parse_keypoints(keypoints, num_keypoints, where) -> np.ndarray | None:

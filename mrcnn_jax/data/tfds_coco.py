@@ -34,10 +34,10 @@ image i):
                   RLE are converted at prepare time. Empty when the annotation file has no segmentations (boxes only).
   keypoints       (n * K, 3) float32 (x, y, visibility), K from the metadata; (0, 3) when the set has no keypoints.
                   Flattened because a tfds Tensor allows one unknown dimension, and K is only known from the files.
-Instances `load_coco` drops (boxes under `min_box_size`, no valid polygon) are dropped at prepare time; images are all
-kept, and `load_tfds_source(..., train=True)` skips those without a usable instance at read time, as `load_coco`
-does. Per split, the dataset's metadata (metadata.json) holds the JSON's categories, K, whether there are masks, and
-`load_coco`'s drop counts.
+Instances `load_coco` drops (boxes under `min_box_size` or of negative size, no valid polygon) are dropped, and boxes
+clipped, at prepare time; images are all kept, and `load_tfds_source(..., train=True)` skips those without a usable
+instance (and those with too few visible keypoints) at read time, as `load_coco` does. Per split, the dataset's
+metadata (metadata.json) holds the JSON's categories, K, whether there are masks, and `load_coco`'s drop counts.
 
 Reading builds the records in one sequential pass over the split (the image bytes are read and skipped, since an
 example is parsed whole): about the time to read the split's files once (COCO train2017: ~19 GB).
@@ -66,6 +66,9 @@ METADATA_KEY = "splits"
 _SPLIT_NAME = re.compile(r"^\w+$")
 # Records are built from batches of examples: array_record reads a batch in parallel.
 _READ_BATCH = 256
+# `coco.load_coco`'s counts of what it fixed or dropped in the annotations, kept in the metadata at prepare time.
+_PREPARED_STATS = ("dropped_negative_boxes", "dropped_small_boxes", "dropped_invalid_polygons", "removed_polygons",
+                   "clipped_boxes")
 
 _MANUAL_INSTRUCTIONS = """\
 Put the COCO-format files in manual_dir:
@@ -371,12 +374,14 @@ def _open(path: pathlib.Path, split: str, builder=None):
 
 
 def load_tfds_source(data_dir, split: str, *, train: bool, skip_empty: bool = True,
-                     config: str = "instances") -> TfdsSource:
+                     config: str = "instances", min_keypoints_per_image: int = 0) -> TfdsSource:
   """Read a prepared `coco_instances` split (no TensorFlow) as the same records `coco.load_coco` gives.
 
   data_dir: the dataset's directory (what `prepare` returns) or the tfds data_dir it was prepared into.
   split: e.g. "train2017", or "train" / "val" for a shapes set.
-  train, skip_empty: as in `load_coco`: training skips images without a usable (non-crowd) instance.
+  train, skip_empty, min_keypoints_per_image: as in `load_coco` (the same rules, `coco.keep_for_training`):
+    training skips images without a usable (non-crowd) instance and, with min_keypoints_per_image > 0, images with
+    fewer visible keypoints than that.
   Raises FileNotFoundError when no dataset is found, ValueError for an unknown split or a dataset without this
   module's metadata.
   """
@@ -392,22 +397,19 @@ def load_tfds_source(data_dir, split: str, *, train: bool, skip_empty: bool = Tr
   has_masks = bool(meta["has_masks"])
 
   records, index = [], {}
-  prepared = meta["stats"]
-  stats = dict(images=len(source), kept=0, skipped_empty=0, instances=0, crowd=0,
-               dropped_small_boxes=prepared["dropped_small_boxes"],
-               dropped_invalid_polygons=prepared["dropped_invalid_polygons"],
-               removed_polygons=prepared["removed_polygons"])
+  # The annotation fixes happened at prepare time (a set prepared before a count existed has none of it).
+  stats = coco.new_stats(len(source))
+  stats.update({key: int(meta["stats"].get(key, 0)) for key in _PREPARED_STATS})
   for start in range(0, len(source), _READ_BATCH):
     positions = list(range(start, min(start + _READ_BATCH, len(source))))
     for position, example in zip(positions, source.__getitems__(positions)):
       record = _decode_record(example, category_map, num_keypoints, has_masks, path, split)
-      if train and skip_empty and not np.any(~record.is_crowd):
-        stats["skipped_empty"] += 1
+      if train and not coco.keep_for_training(record, stats, skip_empty=skip_empty,
+                                              min_keypoints_per_image=min_keypoints_per_image):
         continue
+      coco.count_instances(record, stats)
       records.append(record)
       index[record.image_id] = position
-      stats["instances"] += record.num_instances
-      stats["crowd"] += int(record.is_crowd.sum())
   stats["kept"] = len(records)
   return TfdsSource(records, category_map, stats, path, split, num_keypoints, list(meta["categories"]), index, source)
 

@@ -59,7 +59,8 @@ def test_boxes_labels_and_crowd_as_written(tmp_path):
       _ann(12, category_id=90, bbox=(30, 20, 20, 20), iscrowd=1),  # overshoots the 40x30 image: clipped
       _ann(13, category_id=1, bbox=(0.5, 1.5, 4.25, 2.0)),
   ]
-  source = _load(tmp_path, [_image(7, file_name="a.png")], [dict(a, image_id=7) for a in anns])
+  with pytest.warns(UserWarning, match="clipped 1 boxes"):
+    source = _load(tmp_path, [_image(7, file_name="a.png")], [dict(a, image_id=7) for a in anns])
   assert source.category_map.category_ids == (1, 3, 90)
   assert [source.category_map.to_label(c) for c in (1, 3, 90)] == [1, 2, 3]
   (record,) = source.records
@@ -197,6 +198,31 @@ def test_small_boxes_dropped_with_one_warning(tmp_path):
   assert source.records[1].num_instances == 0
 
 
+def test_boxes_outside_the_image_are_clipped_and_negative_ones_dropped_in_the_one_warning(tmp_path):
+  anns = [
+      _ann(1, bbox=(-0.4, 2, 10, 5)),  # 0.4 px left of the image: rounding, clipped without a count
+      _ann(2, bbox=(30, 20, 15, 25)),  # 5 px past the right and 15 px past the bottom of the 40x30 image
+      _ann(3, bbox=(-6, -3, 10, 8)),  # left of and above the image
+      _ann(4, bbox=(10, 5, -4, 6)),  # negative width
+      _ann(5, bbox=(10, 5, 4, -2)),  # negative height
+      _ann(6, bbox=(2, 3, 0.5, 5)),  # under 1 px: the small-box count, in the same warning
+  ]
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    source = _load(tmp_path, [_image()], anns)
+  assert len(caught) == 1
+  message = str(caught[0].message)
+  assert message.startswith(str(tmp_path / "ann.json"))
+  assert "dropped 2 instances whose box has a negative width or height" in message
+  assert "clipped 2 boxes reaching more than 1.0 px outside their image" in message
+  assert "dropped 1 instances with a box side under 1.0 px" in message
+  assert (source.stats["clipped_boxes"], source.stats["dropped_negative_boxes"]) == (2, 2)
+  (record,) = source.records
+  np.testing.assert_array_equal(record.annotation_ids, [1, 2, 3])
+  # XYWH -> XYXY, then each coordinate clipped to [0, W] x [0, H] by hand.
+  np.testing.assert_allclose(record.boxes, [[0, 2, 9.6, 7], [30, 20, W, H], [0, 0, 4, 5]], rtol=1e-6)
+
+
 def test_min_box_size_is_configurable(tmp_path):
   with pytest.warns(UserWarning, match="1 instances with a box side under 6"):
     source = _load(tmp_path, [_image()], [_ann(1, bbox=(2, 3, 10, 5)), _ann(2, bbox=(2, 3, 10, 6))], min_box_size=6)
@@ -225,6 +251,25 @@ def test_keypoints_parsed(tmp_path):
   np.testing.assert_array_equal(record.keypoints[0], [[10, 11, 2], [12.5, 13, 1], [0, 0, 0]])
   np.testing.assert_array_equal(record.keypoints[1], np.zeros((3, 3)))  # the dog has none: all "not labeled"
   assert empty.keypoints.shape == (0, 3, 3)
+
+
+def test_training_skips_images_with_too_few_visible_keypoints(tmp_path):
+  # Visible = visibility > 0 (1: labeled but occluded, 2: visible), summed over the image's instances, as Detectron2
+  # and torchvision count them.
+  images = [_image(i) for i in (1, 2, 3, 4)]
+  anns = [_ann(1, image_id=1, keypoints=[1, 1, 2, 2, 2, 1, 0, 0, 0]),  # 2 visible
+          _ann(2, image_id=2, keypoints=[1, 1, 2, 2, 2, 0, 0, 0, 0]),  # 1 visible ...
+          _ann(3, image_id=2, keypoints=[5, 5, 1, 6, 6, 0, 0, 0, 0]),  # ... and 1 more in another instance: 2
+          _ann(4, image_id=3, keypoints=[0, 0, 0] * 3),  # none visible
+          _ann(5, image_id=4, category_id=5)]  # a dog: no keypoints at all
+  source = _load(tmp_path, images, anns, KP_CATEGORIES, train=True, min_keypoints_per_image=2)
+  assert [r.image_id for r in source.records] == [1, 2]
+  assert source.stats["skipped_few_keypoints"] == 2 and source.stats["instances"] == 3
+  everything = _load(tmp_path, images, anns, KP_CATEGORIES, train=True)
+  assert [r.image_id for r in everything.records] == [1, 2, 3, 4]
+  # Evaluation keeps every image whatever the setting: COCOeval scores the file's images.
+  evaluation = _load(tmp_path, images, anns, KP_CATEGORIES, train=False, min_keypoints_per_image=2)
+  assert [r.image_id for r in evaluation.records] == [1, 2, 3, 4]
 
 
 def test_num_keypoints_given(tmp_path):
@@ -389,6 +434,75 @@ def test_images_load_as_rgb(tmp_path, mode, value, expected, suffix):
   pixels = source.load_image(source.records[0])
   assert pixels.shape == (5, 7, 3) and pixels.dtype == np.uint8
   np.testing.assert_array_equal(pixels, np.broadcast_to(np.array(expected, np.uint8), (5, 7, 3)))
+
+
+def _png_16_bit(path, samples: np.ndarray) -> None:
+  """Write (H, W, C) uint16 samples as a 16-bit PNG (grey, grey + alpha, RGB or RGBA by C), by hand: PIL writes 16-bit
+  grey only."""
+  import struct
+  import zlib
+
+  h, w, c = samples.shape
+
+  def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+  header = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
+  rows = b"".join(b"\x00" + samples[y].astype(">u2").tobytes() for y in range(h))  # filter type 0 per row
+  path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                   + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("kind", ["gray_png", "gray_tiff", "gray_pgm", "rgb_png", "gray_alpha_png", "rgba_png"])
+def test_16_bit_images_read_as_the_8_bit_image_they_were_made_from(tmp_path, kind):
+  """16-bit samples v * 256 + (any low byte) read back as v: the full 16-bit range mapped to 8 bits by the high
+  byte. Before, PIL's convert("RGB") clipped every grey value above 255 to white."""
+  rng = np.random.default_rng(0)
+  channels = 1 if kind.startswith("gray") else 3
+  image8 = rng.integers(0, 256, (H, W, channels), dtype=np.uint8)
+  image8[0, 0] = 255  # the full range
+  image8[0, 1] = 0
+  samples = image8.astype(np.uint16) * 256 + rng.integers(0, 256, image8.shape, dtype=np.uint16)
+  expected = np.repeat(image8, 3, axis=2) if channels == 1 else image8
+  suffix = {"tiff": "tif", "pgm": "pgm"}.get(kind.rsplit("_", 1)[1], "png")
+  image = _image(1, file_name=f"img.{suffix}")
+  path, image_dir = _write(tmp_path, [image], [_ann(1)], write_images=False)
+  file = image_dir / image["file_name"]
+  if kind in ("gray_tiff", "gray_pgm"):
+    Image.fromarray(samples[..., 0]).save(file)
+  elif kind == "gray_png":
+    _png_16_bit(file, samples)
+  else:
+    alpha = rng.integers(0, 65536, (H, W, 1), dtype=np.uint16)  # dropped, not composited
+    _png_16_bit(file, np.concatenate([samples, alpha], axis=2) if "alpha" in kind or kind == "rgba_png" else samples)
+  with Image.open(file) as img:
+    assert img.mode in ("I;16", "I;16B", "I", "RGB", "RGBA")  # the 16-bit modes PIL opens these files in
+  source = coco_lib.load_coco(path, image_dir, train=True)
+  np.testing.assert_array_equal(source.load_image(source.records[0]), expected)
+  np.testing.assert_array_equal(coco_lib.read_image(file), expected)  # the decoder predict uses
+
+
+@pytest.mark.parametrize("mode, dtype", [("I", np.int32), ("F", np.float32)])
+def test_32_bit_images_are_refused_naming_the_file_and_the_mode(tmp_path, mode, dtype):
+  file = tmp_path / "deep.tif"
+  Image.fromarray(np.full((4, 5), 1000, dtype)).save(file)
+  with pytest.raises(ValueError, match=rf"image file {file} has 32-bit .* \(PIL mode {mode}\).* 8 or 16 bits"):
+    coco_lib.read_image(file)
+
+
+def test_palette_image_reads_its_colours(tmp_path):
+  rgb = np.zeros((H, W, 3), np.uint8)
+  rgb[:, 10:] = (200, 30, 40)
+  rgb[5:9] = (10, 250, 120)
+  Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=4).save(tmp_path / "p.png")
+  with Image.open(tmp_path / "p.png") as img:
+    assert img.mode == "P"
+  np.testing.assert_array_equal(coco_lib.read_image(tmp_path / "p.png"), rgb)
+
+
+def test_a_directory_is_not_an_image(tmp_path):
+  with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a directory, not an image file"):
+    coco_lib.read_image(tmp_path)
 
 
 def test_image_pixels_are_kept_exactly(tmp_path):

@@ -195,20 +195,24 @@ def _edge_case_set(shapes_paths, root):
   return manual_dir, annotation_file, image_dir
 
 
-@pytest.mark.parametrize("train", [False, True])
-def test_edge_cases_equal_json_path(shapes_set, tmp_path, train):
+@pytest.mark.parametrize("train, min_keypoints", [(False, 0), (True, 0), (True, 2)])
+def test_edge_cases_equal_json_path(shapes_set, tmp_path, train, min_keypoints):
   _, paths = shapes_set
   manual_dir, annotation_file, image_dir = _edge_case_set(paths, tmp_path)
   with pytest.warns(UserWarning, match="dropped 1 instances"):
-    want = coco.load_coco(annotation_file, image_dir, train=train)
+    want = coco.load_coco(annotation_file, image_dir, train=train, min_keypoints_per_image=min_keypoints)
   with pytest.warns(UserWarning, match="dropped 1 instances"):  # load_coco's summary, at prepare time
     path = tfds_coco.prepare(manual_dir, tmp_path / "tfds", config="person_keypoints")
   assert path.parts[-2] == "person_keypoints"
-  got = tfds_coco.load_tfds_source(tmp_path / "tfds", "train", train=train, config="person_keypoints")
+  got = tfds_coco.load_tfds_source(tmp_path / "tfds", "train", train=train, config="person_keypoints",
+                                   min_keypoints_per_image=min_keypoints)
 
   assert want.stats["dropped_small_boxes"] == 1 and want.stats["removed_polygons"] == 1
   kept = [r.image_id for r in want.records]
-  assert kept == ([3, 4, 5, 6] if train else [1, 2, 3, 4, 5, 6])  # training skips the empty and all-crowd images
+  # Training skips the empty and all-crowd images, and with 2 visible keypoints asked, the images that have fewer
+  # (only image 3 has keypoints: 2 visible).
+  assert kept == {(False, 0): [1, 2, 3, 4, 5, 6], (True, 0): [3, 4, 5, 6], (True, 2): [3]}[train, min_keypoints]
+  assert want.stats["skipped_few_keypoints"] == (3 if min_keypoints else 0)
   assert got.category_map.category_ids == (1, 5, 90) and got.num_keypoints == 2
   if not train:
     assert got.records[1].is_crowd.all() and got.records[0].num_instances == 0
