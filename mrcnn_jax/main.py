@@ -154,11 +154,15 @@ def run(config, workdir) -> dict | None:
   """
   import jax  # pylint: disable=import-outside-toplevel
 
-  from mrcnn_jax import evaluate, train  # pylint: disable=import-outside-toplevel
+  from mrcnn_jax import config_from_data, evaluate, train  # pylint: disable=import-outside-toplevel
 
   workdir = pathlib.Path(workdir)
   if config.dataset.name == "shapes":
     prepare_shapes(config, workdir)
+  # Fields a config leaves unset (configs/custom_coco.py) follow the dataset; the choices are printed.
+  for line in config_from_data.derive(config):
+    if jax.process_index() == 0:
+      print(f"from the data: {line}", flush=True)
   evaluate_fn, val_source = None, None
   if _has_val_data(config):
     val_source = evaluate.load_eval_source(config)

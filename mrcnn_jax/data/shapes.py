@@ -67,7 +67,7 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
   return np.array(colorsys.hsv_to_rgb(h, s, v), np.float32) * 255.0
 
 
-def _background(rng: np.random.Generator, size_hw: tuple[int, int]) -> np.ndarray:
+def background(rng: np.random.Generator, size_hw: tuple[int, int]) -> np.ndarray:
   """A dim, low-saturation texture. -> (H, W, 3) float32 in [0, 255].
 
   Either smooth noise (a coarse random grid upsampled bicubically) or soft stripes at a random angle, blended
@@ -168,7 +168,7 @@ def make_image(rng: np.random.Generator, size_hw: tuple[int, int] = (128, 128)) 
   if min(h, w) < MIN_SIDE:
     raise ValueError(f"shapes images need sides of at least {MIN_SIDE} px, got {size_hw}")
   scale = min(h, w) / REFERENCE_SIDE
-  canvas = _background(rng, size_hw)
+  canvas = background(rng, size_hw)
   wanted = int(rng.integers(1, MAX_INSTANCES + 1))
   # Per placed shape: category id, hue, colour, in-image area when drawn, and its current visible mask.
   placed: list[dict] = []
@@ -227,7 +227,7 @@ def make_image(rng: np.random.Generator, size_hw: tuple[int, int] = (128, 128)) 
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _encode_rle(mask: np.ndarray) -> dict:
+def encode_rle(mask: np.ndarray) -> dict:
   """(H, W) bool -> COCO compressed RLE {"size": [H, W], "counts": str} (JSON-ready)."""
   rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
   return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
@@ -249,7 +249,7 @@ def _write_split(root: pathlib.Path, split: str, num_images: int, seed: int, siz
     for inst in instances:
       annotations.append(dict(id=len(annotations) + 1, image_id=image_id, category_id=inst["category_id"],
                               bbox=inst["bbox"], area=float(inst["area"]), iscrowd=0,
-                              segmentation=_encode_rle(inst["mask"])))
+                              segmentation=encode_rle(inst["mask"])))
   return dict(
       info=dict(description=f"mrcnn_jax synthetic shapes, {split} split", version=str(GENERATOR_VERSION),
                 seed=int(seed), size_hw=[int(s) for s in size_hw]),
