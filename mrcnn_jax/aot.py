@@ -32,6 +32,7 @@ that does not fit (`DoesNotFit`, exit 3).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import importlib.metadata
 import importlib.util
@@ -39,6 +40,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 
 import jax
@@ -50,8 +52,9 @@ from jax.sharding import PartitionSpec as P
 GiB = 1024**3
 
 # HBM per chip by the device_kind JAX reports for it, from Google's Cloud TPU pages: v4 "32 GiB", v5e "16 GB",
-# v5p "95 GB", v6e "32 GB" (the pages write GB for GiB: XLA's own out-of-memory message for a v5e says
-# "of 15.75G hbm", the 16 GiB less what the runtime keeps).
+# v5p "95 GB", v6e "32 GB" (the pages write GB for GiB: XLA:TPU's own refusal of a program for a v5e reads "exceeds
+# available HBM (15.75G)", the 16 GiB less what the runtime keeps). XLA refuses what does not fit its own budget;
+# this table is the chip's whole HBM, the ceiling a compiled program's total is checked against.
 HBM_BYTES = {
     "TPU v4": 32 * GiB,
     "TPU v5 lite": 16 * GiB,  # v5e
@@ -140,12 +143,41 @@ def topology_devices(topology: str) -> list:
 
   libtpu_environment(topology)
   kwargs = {"chip_config_name": "megacore"} if _generation(topology) in _MEGACORE else {}
-  try:
-    desc = topologies.get_topology_desc(topology, "tpu", **kwargs)
-  except Exception as e:  # libtpu reports a bad name as a runtime error with a multi-line status
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise AotUnavailable(f"cannot compile for TPU topology {topology!r} here: {first}") from None
+  with _libtpu_stderr() as held:
+    try:
+      desc = topologies.get_topology_desc(topology, "tpu", **kwargs)
+    except Exception as e:  # libtpu reports a bad name as a runtime error with a multi-line status
+      held["drop"] = True  # its log lines say the same at length; the refusal is one line
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise AotUnavailable(f"cannot compile for TPU topology {topology!r} here: {first}") from None
   return list(desc.devices)
+
+
+# libtpu's complaints, on a machine that is not a TPU VM, about what the metadata server would have told it.
+_METADATA_NOISE = re.compile(r"could not determine TPU|host bounds for accelerator type|metadata", re.I)
+
+
+@contextlib.contextmanager
+def _libtpu_stderr():
+  """Holds what libtpu writes to the stderr file descriptor (from C++, past Python's sys.stderr) while it
+  initializes, then writes it out less its metadata-server noise, or drops it all when the caller sets
+  held["drop"] (a refusal that says the same in one line)."""
+  held = {"drop": False}
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as tmp:
+    os.dup2(tmp.fileno(), 2)
+    try:
+      yield held
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      tmp.seek(0)
+      text = tmp.read().decode(errors="replace")
+  if not held["drop"]:
+    keep = [line for line in text.splitlines() if line.strip() and not _METADATA_NOISE.search(line)]
+    if keep:
+      print("\n".join(keep), file=sys.stderr)
 
 
 def hbm_bytes(device_kind: str) -> int:
@@ -511,7 +543,10 @@ def _oom_message(error: Exception) -> str | None:
 
 
 def _oom_used_bytes(message: str) -> float | None:
-  m = re.search(r"Used ([\d.]+)([KMGT])? of", message) or re.search(r"Requires ([\d.]+)([KMGT])?", message)
+  """The bytes an XLA:TPU out-of-memory message says the program needs ("Used 49.34G of 32.00G hbm", "Requires
+  3.84T, has 90.96G", "required for HLO temporaries (16.44G) exceeds available HBM (15.75G)"), else None."""
+  m = (re.search(r"Used ([\d.]+)([KMGT])? of", message) or re.search(r"Requires ([\d.]+)([KMGT])?", message)
+       or re.search(r"\(([\d.]+)([KMGT])?\) exceeds", message))
   if not m:
     return None
   return float(m.group(1)) * 1024 ** "_KMGT".index(m.group(2) or "_")
@@ -578,7 +613,7 @@ def compile_program(config, target: Target, program: str, canvas_hw, batch_per_c
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost.get("flops", float("nan")))
   hand = hand_flops(config, canvas_hw, train=program == "train")
-  return {
+  report = {
       "program": program,
       "canvas_hw": list(canvas_hw),
       "batch_per_chip": batch_per_chip,
@@ -598,16 +633,19 @@ def compile_program(config, target: Target, program: str, canvas_hw, batch_per_c
       "lower_seconds": round(t1 - t0, 2),
       "compile_seconds": round(t2 - t1, 2),
   }
+  if program == "train":
+    report["max_batch_per_chip_estimate"] = estimate_max_batch(report)
+  return report
 
 
 def search_max_batch(config, target: Target, canvas_hw, *, start: int = 1, known: dict | None = None,
                      log=None) -> dict:
   """The largest batch per chip whose train step fits `target`, by compiling.
 
-  Memory grows about linearly with the batch (the state and the code are fixed, the activations per image), so once
-  two batches have been compiled the next probe is where the straight line through their totals reaches the HBM,
-  and the batch after it is compiled at once to close the bracket: from a start that fits, usually four compiles in
-  all. Without two totals to draw the line through (the first probe, or XLA refusing a program without saying its
+  Memory grows about linearly with the batch (the state and the code are fixed, the activations per image), so the
+  next probe is where a straight line reaches the HBM: after one compile that fits, the line of
+  `estimate_max_batch`; after two, the line through their totals. The batch after a probe that fits is compiled at
+  once to close the bracket: from a start that fits, three compiles when the line is right. Without two totals to draw the line through (the first probe, or XLA refusing a program without saying its
   size) the search doubles from `start` (halves when `start` does not fit) and bisects the bracket.
   `known` maps batches already compiled to their reports (or DoesNotFit), so they are not compiled again.
 
@@ -636,6 +674,8 @@ def search_max_batch(config, target: Target, canvas_hw, *, start: int = 1, known
 
   def line_guess():
     points = sorted((b, total(b)) for b in tried if total(b))
+    if len(points) == 1 and not isinstance(tried[points[0][0]], DoesNotFit):
+      return estimate_max_batch(tried[points[0][0]])  # one compile: the line through its per-image part
     if len(points) < 2:
       return None
     # The two measured batches nearest the bracket: the largest fit and the smallest failure when both are known.
@@ -676,6 +716,16 @@ def search_max_batch(config, target: Target, canvas_hw, *, start: int = 1, known
   return {"max_batch_per_chip": lo, "compiles": compiles}
 
 
+def estimate_max_batch(report: dict) -> int:
+  """The largest batch per chip a straight line through one compiled train step predicts to fit: the donated state
+  (the aliased bytes) and the generated code stay, the rest of the total grows in proportion to the batch. An
+  estimate: XLA's buffer reuse makes the temporaries grow a little less or more than linearly."""
+  mem, batch = report["memory"], report["batch_per_chip"]
+  fixed = mem["aliased"] + mem["generated_code"]
+  per_image = (mem["total"] - fixed) / batch
+  return max(0, math.floor((report["hbm"] - fixed) / per_image)) if per_image > 0 else batch
+
+
 def default_batch_per_chip(config, target: Target) -> int:
   batch = int(config.train.batch_size)
   if batch % target.num_devices:
@@ -696,7 +746,9 @@ def describe(report: dict, target: Target) -> str:
       f"  memory per device: arguments {_gib(mem['arguments'])}, outputs {_gib(mem['outputs'])} (aliased "
       f"{_gib(mem['aliased'])}), temporaries {_gib(mem['temporaries'])}, generated code {_gib(mem['generated_code'])}"
       f"; total {_gib(mem['total'])} of {_gib(report['hbm'])} HBM ({100 * mem['total'] / report['hbm']:.0f}%): "
-      f"{'fits' if report['fits'] else 'DOES NOT FIT'}",
+      f"{'fits' if report['fits'] else 'DOES NOT FIT'}"
+      + (f"; estimated largest batch per chip {report['max_batch_per_chip_estimate']} (linear in the batch, not "
+         "compiled)" if "max_batch_per_chip_estimate" in report else ""),
       f"  FLOPs per image: XLA {fl['xla_per_image']:.4g}, by hand {fl['hand_per_image']:.4g} (XLA / hand "
       f"{fl['xla_over_hand']:.2f}); per step per device: XLA {fl['xla_per_device']:.4g}",
       f"  slow on TPU: {ops['scatter']} scatters, {ops['gather']} gathers ({ops['gather_large']} from an operand of "
