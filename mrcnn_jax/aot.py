@@ -45,7 +45,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -146,7 +145,7 @@ def topology_devices(topology: str) -> list:
   with _libtpu_stderr() as held:
     try:
       desc = topologies.get_topology_desc(topology, "tpu", **kwargs)
-    except Exception as e:  # libtpu reports a bad name as a runtime error with a multi-line status
+    except (RuntimeError, ValueError) as e:  # libtpu: a JaxRuntimeError with a multi-line status
       held["drop"] = True  # its log lines say the same at length; the refusal is one line
       first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise AotUnavailable(f"cannot compile for TPU topology {topology!r} here: {first}") from None
@@ -154,7 +153,7 @@ def topology_devices(topology: str) -> list:
 
 
 # libtpu's complaints, on a machine that is not a TPU VM, about what the metadata server would have told it.
-_METADATA_NOISE = re.compile(r"could not determine TPU|host bounds for accelerator type|metadata", re.I)
+_METADATA_NOISE = re.compile(r"could not determine TPU|host bounds for accelerator type|metadata", re.IGNORECASE)
 
 
 @contextlib.contextmanager
@@ -563,7 +562,7 @@ class Target:
   mesh: object
 
   @classmethod
-  def make(cls, topology: str) -> "Target":
+  def make(cls, topology: str) -> Target:
     from mrcnn_jax import train
 
     devices = topology_devices(topology)
@@ -739,21 +738,21 @@ def describe(report: dict, target: Target) -> str:
   mem, fl, ops = report["memory"], report["flops"], report["slow_ops"]
   name = "train step" if report["program"] == "train" else "inference"
   h, w = report["canvas_hw"]
+  estimate = report.get("max_batch_per_chip_estimate")
   lines = [
-      f"{name}, canvas {h}x{w}, {report['batch_per_chip']} images per chip (global {report['global_batch']} over "
-      f"{target.num_devices} x {target.device_kind}), {report['compute_dtype']}; compiled in "
-      f"{report['compile_seconds']:.0f} s",
-      f"  memory per device: arguments {_gib(mem['arguments'])}, outputs {_gib(mem['outputs'])} (aliased "
-      f"{_gib(mem['aliased'])}), temporaries {_gib(mem['temporaries'])}, generated code {_gib(mem['generated_code'])}"
-      f"; total {_gib(mem['total'])} of {_gib(report['hbm'])} HBM ({100 * mem['total'] / report['hbm']:.0f}%): "
-      f"{'fits' if report['fits'] else 'DOES NOT FIT'}"
-      + (f"; estimated largest batch per chip {report['max_batch_per_chip_estimate']} (linear in the batch, not "
-         "compiled)" if "max_batch_per_chip_estimate" in report else ""),
-      f"  FLOPs per image: XLA {fl['xla_per_image']:.4g}, by hand {fl['hand_per_image']:.4g} (XLA / hand "
-      f"{fl['xla_over_hand']:.2f}); per step per device: XLA {fl['xla_per_device']:.4g}",
-      f"  slow on TPU: {ops['scatter']} scatters, {ops['gather']} gathers ({ops['gather_large']} from an operand of "
-      f">= 1 MiB), {ops['while']} while loops, {ops['conditional']} conditionals, {ops['sort']} sorts, "
-      f"{ops['host_transfer']} host transfers, {ops['f64']} f64 ops",
+      (f"{name}, canvas {h}x{w}, {report['batch_per_chip']} images per chip (global {report['global_batch']} over "
+       f"{target.num_devices} x {target.device_kind}), {report['compute_dtype']}; compiled in "
+       f"{report['compile_seconds']:.0f} s"),
+      (f"  memory per device: arguments {_gib(mem['arguments'])}, outputs {_gib(mem['outputs'])} (aliased "
+       f"{_gib(mem['aliased'])}), temporaries {_gib(mem['temporaries'])}, generated code "
+       f"{_gib(mem['generated_code'])}; total {_gib(mem['total'])} of {_gib(report['hbm'])} HBM "
+       f"({100 * mem['total'] / report['hbm']:.0f}%): {'fits' if report['fits'] else 'DOES NOT FIT'}"
+       + ("" if estimate is None else f"; estimated largest batch per chip {estimate} (linear, not compiled)")),
+      (f"  FLOPs per image: XLA {fl['xla_per_image']:.4g}, by hand {fl['hand_per_image']:.4g} (XLA / hand "
+       f"{fl['xla_over_hand']:.2f}); per step per device: XLA {fl['xla_per_device']:.4g}"),
+      (f"  slow on TPU: {ops['scatter']} scatters, {ops['gather']} gathers ({ops['gather_large']} from an operand "
+       f"of >= 1 MiB), {ops['while']} while loops, {ops['conditional']} conditionals, {ops['sort']} sorts, "
+       f"{ops['host_transfer']} host transfers, {ops['f64']} f64 ops"),
   ]
   for category in ("scatter", "gather_large", "while"):
     for site, n in list(ops["sites"].get(category, {}).items())[:6]:
