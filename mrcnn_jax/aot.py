@@ -766,9 +766,9 @@ def run(config, topology: str, *, programs=PROGRAMS, batch_per_chip: int | None 
         log=print) -> dict:
   """Everything the command does, as a function: compile `programs` for each canvas on `topology`.
 
-  Returns a JSON-able dict: versions, the target, one report per (program, canvas), and with `search` the largest
-  batch per chip per canvas. Raises AotUnavailable or DoesNotFit (without `search`: a program that does not fit at
-  the batch asked for; with it, the search reports instead and only a canvas where one image does not fit raises).
+  Returns a JSON-able dict: versions, the target, one report per (program, canvas), with `search` the largest
+  batch per chip per canvas, and "errors": the one-line DoesNotFit message of each program that does not fit at the
+  batch asked for (its entry in "programs" says fits False). Raises AotUnavailable.
   """
   target = Target.make(topology)
   batch = default_batch_per_chip(config, target) if batch_per_chip is None else int(batch_per_chip)
@@ -782,6 +782,7 @@ def run(config, topology: str, *, programs=PROGRAMS, batch_per_chip: int | None 
       "compute_dtype": str(config.model.compute_dtype),
       "note": "compiled on the CPU for the topology (deviceless AOT), not run",
       "programs": [],
+      "errors": [],
   }
   if search:
     result["max_batch_per_chip"] = {}
@@ -799,15 +800,17 @@ def run(config, topology: str, *, programs=PROGRAMS, batch_per_chip: int | None 
         result["max_batch_per_chip"][key] = found
         log(f"  largest batch per chip that fits: {found['max_batch_per_chip']}")
         report = known[batch]
-        if isinstance(report, DoesNotFit):
-          log(f"  {report}")
-          result["programs"].append({"program": "train", "canvas_hw": list(canvas), "batch_per_chip": batch,
-                                     "fits": False, "error": str(report)})
-          if found["max_batch_per_chip"] == 0:
-            raise report
-          continue
       else:
-        report = compile_program(config, target, program, canvas, batch)
+        try:
+          report = compile_program(config, target, program, canvas, batch)
+        except DoesNotFit as e:
+          report = e
+      if isinstance(report, DoesNotFit):
+        result["errors"].append(str(report))
+        result["programs"].append({"program": program, "canvas_hw": list(canvas), "batch_per_chip": batch,
+                                   "compute_dtype": str(config.model.compute_dtype), "fits": False,
+                                   "needs_bytes": report.total_bytes, "error": str(report)})
+        continue
       log(describe(report, target))
       result["programs"].append(report)
   return result
@@ -835,19 +838,19 @@ def main(argv):
     raise SystemExit(f"mrcnn_jax.aot: --programs must name some of {PROGRAMS}, got {f.programs!r}")
   try:
     result = run(config, f.topology, programs=programs, batch_per_chip=f.batch_per_chip, search=f.search_max_batch)
-  except AotUnavailable as e:
-    print(f"mrcnn_jax.aot: {e}", file=sys.stderr)
-    sys.exit(2)
-  except DoesNotFit as e:
-    print(f"mrcnn_jax.aot: {e}", file=sys.stderr)
-    sys.exit(3)
-  except ValueError as e:
+  except (AotUnavailable, ValueError) as e:
     print(f"mrcnn_jax.aot: {e}", file=sys.stderr)
     sys.exit(2)
   result["config"] = config.to_dict()
   if f.json:
     atomic.write_json(f.json, result)
     print(f"wrote {f.json}")
+  # A program that does not fit fails the command, unless finding what fits was the question.
+  nothing_fits = any(v["max_batch_per_chip"] == 0 for v in result.get("max_batch_per_chip", {}).values())
+  if (result["errors"] and not f.search_max_batch) or nothing_fits:
+    for error in result["errors"]:
+      print(f"mrcnn_jax.aot: {error}", file=sys.stderr)
+    sys.exit(3)
 
 
 def _define_flags():

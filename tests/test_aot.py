@@ -228,6 +228,17 @@ def test_cli_writes_the_report(tmp_path):
 
 
 @needs_libtpu
+def test_cli_fails_a_batch_too_large_in_one_line_and_still_writes_the_report(tmp_path):
+  out = tmp_path / "aot.json"
+  proc = _cli(f"--topology={TOPOLOGY}", "--programs=infer", "--batch_per_chip=2048", f"--json={out}")
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  lines = [line for line in proc.stderr.splitlines() if line.startswith("mrcnn_jax.aot:")]
+  assert len(lines) == 1 and "16.00 GiB HBM" in lines[0] and "2048 images per chip" in lines[0], proc.stderr
+  (infer,) = json.loads(out.read_text())["programs"]
+  assert infer["fits"] is False and infer["batch_per_chip"] == 2048
+
+
+@needs_libtpu
 def test_cli_refuses_an_unknown_topology_in_one_line():
   proc = _cli("--topology=v9z:2x2")
   assert proc.returncode == 2
