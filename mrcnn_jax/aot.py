@@ -86,7 +86,9 @@ class DoesNotFit(RuntimeError):
 
 def canvases(config) -> list[tuple[int, int]]:
   """The canvases (h, w) the config compiles one program for. The only place that reads the canvas field."""
-  return [tuple(int(s) for s in config.input.canvas_hw)]
+  from mrcnn_jax.data import transforms
+
+  return transforms.canvases(config.input)
 
 
 # --------------------------------------------------------------------------------------------------------------------
