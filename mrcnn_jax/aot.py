@@ -239,9 +239,9 @@ def abstract_train_batch(config, mesh, canvas_hw, global_batch: int) -> dict:
 def lower_train_step(config, mesh, canvas_hw, global_batch: int):
   """`train.jit_train_step(config, ...)` lowered for `mesh` on abstract inputs: a jax.stages.Lowered."""
   from mrcnn_jax import train
-  from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+  from mrcnn_jax.modeling import mask_rcnn
 
-  step = train.jit_train_step(config, MaskRCNN(config.model, train=True), mesh)
+  step = train.jit_train_step(config, mask_rcnn.build_model(config, train=True), mesh)
   return step.lower(abstract_state(config, mesh), abstract_train_batch(config, mesh, canvas_hw, global_batch))
 
 
