@@ -303,7 +303,7 @@ def _fake_config(max_detections=100, masks=False):
       "resize_mode": "detectron2", "min_size_test": FAKE_SIZE, "max_size_test": FAKE_SIZE,
       "canvases": ((FAKE_SIZE, FAKE_SIZE),)})
   config.model = ml_collections.ConfigDict({
-      "label_space": "contiguous", "keypoint_head": {"enabled": False},
+      "label_space": "contiguous", "num_classes": 3, "keypoint_head": {"enabled": False},
       "mask_head": {"enabled": masks, "paste_mode": "detectron2", "mask_threshold": 0.5},
       "roi_heads": {"detections_per_image": max_detections}})
   return config

@@ -118,7 +118,7 @@ def test_export_directory_and_manifest(model):
                                                                       for n in names)
   # Weights are arguments, not constants: the program is small next to the weights it runs on.
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.variables))
-  assert (model.path / export.ARTIFACT_FILE).stat().st_size < weight_bytes
+  assert (model.path / export.ARTIFACT_PATTERN.format(CANVAS, CANVAS)).stat().st_size < weight_bytes
 
 
 def test_existing_directory_is_not_replaced_unless_asked(model, tmp_path):

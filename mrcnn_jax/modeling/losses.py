@@ -48,6 +48,7 @@ def rpn_targets(key, anchors, gt_boxes, gt_matchable, *, matcher: matching.Match
   Returns sampled indices (S,) int32, sampled_valid (S,) bool, sampled_labels (S,) float32 in {0, 1},
   target deltas (S, 4) of the sampled anchors (meaningful where the label is 1), with S = batch_size_per_image.
   """
+  anchors = jnp.asarray(anchors)  # a numpy array (shared anchors) becomes a constant of the program
   quality = box_ops.box_iou(gt_boxes, anchors)
   if anchor_valid is not None:
     quality = jnp.where(anchor_valid[None, :], quality, -1.0)

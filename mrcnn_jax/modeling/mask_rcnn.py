@@ -18,10 +18,10 @@ from __future__ import annotations
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 
 from mrcnn_jax.data import transforms
 from mrcnn_jax.modeling import losses as loss_fns
@@ -95,7 +95,7 @@ class MaskRCNN(nn.Module):
     a = self.config.anchors
     return anchor_ops.frame_anchors(tuple(canvas_hw), frames, tuple(2**l for l in self._levels()),
                                     tuple(tuple(s) for s in a.sizes), tuple(a.aspect_ratios), float(a.offset),
-                                    a.convention)
+                                    a.convention, self.config.size_divisibility)
 
   def rpn_outputs(self, feats, frames):
     """RPN logits and deltas, lists over levels of (B, N_l) and (B, N_l, 4)."""
@@ -169,13 +169,18 @@ class MaskRCNN(nn.Module):
     r = cfg.rpn
     logits, deltas = self.rpn_outputs(feats, frames)
     level_anchors, level_valid = self.anchors(images.shape[1:3], frames)
-    anchors = jnp.concatenate(level_anchors, axis=1)
     anchor_valid = jnp.concatenate(level_valid, axis=1)
     matcher = matching.Matcher(tuple(r.iou_thresholds), tuple(r.iou_labels), True)
+    if all(isinstance(a, np.ndarray) for a in level_anchors):  # shared by every image: one constant
+      anchors, anchor_axis = np.concatenate(level_anchors, axis=0), None
+    else:
+      anchors = jnp.concatenate([jnp.broadcast_to(a, (b,) + a.shape) if a.ndim == 2 else a for a in level_anchors],
+                                axis=1)
+      anchor_axis = 0
     targets = jax.vmap(lambda k, a, v, g, m: loss_fns.rpn_targets(
         k, a, g, m, matcher=matcher, batch_size_per_image=r.batch_size_per_image,
-        positive_fraction=r.positive_fraction, box_weights=tuple(r.box_weights), anchor_valid=v))(
-            jax.random.split(rpn_key, b), anchors, anchor_valid, gt_boxes, matchable)
+        positive_fraction=r.positive_fraction, box_weights=tuple(r.box_weights), anchor_valid=v),
+        in_axes=(0, anchor_axis, 0, 0, 0))(jax.random.split(rpn_key, b), anchors, anchor_valid, gt_boxes, matchable)
     beta = r.smooth_l1_beta if r.loss_type == "smooth_l1" else 0.0
     out = loss_fns.rpn_losses(jnp.concatenate(logits, axis=1), jnp.concatenate(deltas, axis=1), *targets,
                               batch_size_per_image=r.batch_size_per_image, smooth_l1_beta=beta,

@@ -206,20 +206,26 @@ def frame_anchors(
     aspect_ratios: Sequence[float] | Sequence[Sequence[float]],
     offset: float = 0.0,
     convention: str = "detectron2",
+    size_divisibility: int = 1,
 ):
-  """Each image's anchors on a shared canvas: those of `generate_anchors(frame)` on the canvas's grid, in-program.
+  """Each image's anchors on a shared canvas: those of `generate_anchors(frame)` on the canvas's grid.
 
   Args:
     canvas_hw: (H, W) of the padded batch (static).
     frames: (B, 2) int32 frame of each image (`ops.frames.image_frames`), each at most the canvas.
     strides, sizes, aspect_ratios, offset, convention: as in `generate_anchors`.
+    size_divisibility: what every frame is a multiple of; a level whose stride divides it has frame-independent
+      anchors in either convention.
 
   Returns:
-    (anchors, valid): per level, anchors (B, H_l * W_l * A_l, 4) float32 XYXY and valid (B, H_l * W_l * A_l) bool,
-    in the canvas grid's layout (y, x, cell anchor). The anchors of cells inside an image's frame (the first
-    ceil(frame / stride) rows and columns) are exactly `generate_anchors(frame)`'s, in the same order; the other
-    cells are marked invalid. "detectron2" anchors do not depend on the frame; "torchvision" ones do through the
-    stride it infers, frame // grid (61 px for P6 on an 800-pixel side, 64 on a 1088 one).
+    (anchors, valid): per level, anchors XYXY float32, either a numpy (H_l * W_l * A_l, 4) array shared by every
+    image (the level's anchors do not depend on the frame) or a (B, H_l * W_l * A_l, 4) array computed in the
+    program, and valid (B, H_l * W_l * A_l) bool, in the canvas grid's layout (y, x, cell anchor). The anchors of
+    cells inside an image's frame (the first ceil(frame / stride) rows and columns) are exactly
+    `generate_anchors(frame)`'s, in the same order; the other cells are marked invalid. "detectron2" anchors never
+    depend on the frame; "torchvision" ones do where the stride it infers, frame // grid, is not the level's (P6:
+    61 px on an 800-pixel side, 64 on a 1088 one). Shared anchors are constants of the program, which XLA folds
+    into the anchor matching (and so computes identically however the batch is sharded).
   """
   if convention not in CONVENTIONS:
     raise ValueError(f"unknown anchor convention {convention!r}; expected one of {CONVENTIONS}")
@@ -232,10 +238,10 @@ def frame_anchors(
   for stride, size, ratios in zip(strides, sizes, aspect_ratios):
     grid_hw = feature_shape(canvas_hw, stride)
     inside = frame_ops.inside_frame(frames, stride, grid_hw)  # (B, H_l, W_l)
-    if convention == "detectron2":
-      cell = _cell_anchors_detectron2(size, ratios)
+    if convention == "detectron2" or int(size_divisibility) % int(stride) == 0:
+      # The canvas's anchors are every frame's (the strides are the nominal ones), padded with more cells.
       level = generate_anchors(canvas_hw, (stride,), (size,), (ratios,), offset, convention, (grid_hw,))[0]
-      level = jnp.broadcast_to(jnp.asarray(level), (b,) + level.shape)
+      num_cells = level.shape[0] // (grid_hw[0] * grid_hw[1])
     else:
       cell = jnp.asarray(_cell_anchors_torchvision(size, ratios))
       # torchvision's AnchorGenerator: integer strides frame // grid, integer shifts index * stride, then + cell.
@@ -246,7 +252,7 @@ def frame_anchors(
       sx = jnp.broadcast_to(xs[:, None, :], (b,) + grid_hw).astype(jnp.float32)
       shifts = jnp.stack([sx, sy, sx, sy], axis=-1).reshape(b, -1, 1, 4)
       level = (shifts + cell[None, None]).reshape(b, -1, 4)
-    a = cell.shape[0]
+      num_cells = cell.shape[0]
     anchors.append(level)
-    valid.append(jnp.repeat(inside.reshape(b, -1), a, axis=1))
+    valid.append(jnp.repeat(inside.reshape(b, -1), num_cells, axis=1))
   return anchors, valid
