@@ -6,6 +6,7 @@ Usage:
   python scripts/benchmark.py model [--repeats 5] [--batches 1 2] [--json results.json]
   python scripts/benchmark.py data
   python scripts/benchmark.py train --batches 2
+  python scripts/benchmark.py device [--tiny] [--budget_s 450] [--json device.json]
 
 Groups (one module each in scripts/bench/):
   ops    RoIAlign (features 1x200x336x256, 1,000 boxes, 7x7, sampling_ratio 2, aligned False/True, forward and
@@ -30,6 +31,15 @@ Groups (one module each in scripts/bench/):
          stem + res2 frozen on both sides, 3 instances per image, 512 sampled RoIs per image): torchvision's
          forward + backward + SGD step vs mrcnn_jax's jitted `train_step` (compile apart); each side in its own
          subprocess (peak RSS). --train_hw 800 1344 times the COCO-sized canvas.
+  device The accelerator check, mrcnn_jax alone, within --budget_s (default 450 s: under 8 minutes on one GPU):
+         environment and versions; the Pallas RoIAlign against the XLA path on the device (errors, and both timed at
+         1,000 and 8,000 RoIs, 7x7 and 14x14, 256 channels, on the 4 FPN levels and on one 1x200x336x256 map);
+         R50-FPN Mask R-CNN inference images/s at batch 1 and 8 in float32 and bfloat16 on the 800x1088 canvas of a
+         640x480 image; the bfloat16 train step's images/s at batch 8 beside its target (>= 60 per H100-class GPU);
+         every program's compile time and the device's peak memory. Each part in its own time-boxed subprocess;
+         what does not fit is skipped with a note. Its own table and JSON (scripts/bench/device.py has the schema).
+         --tiny runs the same code paths at toy sizes on a CPU in seconds (tests/test_benchmark_device.py).
+
 torch runs with as many threads as JAX's CPU client uses (all cores). Both sides' processes run with the same host
 allocator setting: --host_malloc=reuse (default; `mrcnn_jax.host_memory`, what `mrcnn_jax.main` uses) keeps freed
 memory in the process, so that neither side page-faults its buffers afresh every step; --host_malloc=system leaves
@@ -54,8 +64,8 @@ from mrcnn_jax import atomic, host_memory
 from bench.common import Row
 from bench.model import MODEL_CONFIGS, MODEL_IMAGES
 
-GROUPS = ("ops", "model", "data", "train")
-DEFAULT_REPEATS = {"ops": 7, "model": 5, "data": 5, "train": 5}
+GROUPS = ("ops", "model", "data", "train", "device")
+DEFAULT_REPEATS = {"ops": 7, "model": 5, "data": 5, "train": 5, "device": 10}
 
 
 def _group(name: str):
@@ -72,11 +82,23 @@ def print_table(rows: list[Row]) -> None:
     print(f"{r.name:<{width}}  {r.jax_ms:12.1f}  {torch_ms:>14}  {ratio:>6}  {r.compile_s:9.2f}  {r.note}")
 
 
+def _run_device(args) -> int:
+  """The device group: no JAX in this process (it would hold the accelerator its parts' subprocesses need)."""
+  device = _group("device")
+  if args.part:
+    return importlib.import_module("bench.device_parts").worker(args)
+  report = device.run(args)
+  device.print_report(report)
+  if args.json:
+    atomic.write_json(args.json, report, indent=2)
+  return 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("group", nargs="?", default="ops", choices=sorted(GROUPS))
   parser.add_argument("--repeats", type=int, help="warm runs per figure (median); at least 5 (default: ops 7, "
-                      "model 5)")
+                      "model 5, device 10)")
   parser.add_argument("--impl", default="xla", choices=["xla", "pallas"], help="RoIAlign implementation to time")
   parser.add_argument("--batches", type=int, nargs="+", default=[1, 2], help="model, train: batch sizes to time")
   parser.add_argument("--models", nargs="+", default=["mask", "keypoint"], choices=sorted(MODEL_CONFIGS),
@@ -90,6 +112,11 @@ def main(argv=None) -> int:
   parser.add_argument("--skip_torch", action="store_true", help="train: time only mrcnn_jax (no torchvision run)")
   parser.add_argument("--host_malloc", default="reuse", choices=host_memory.CHOICES,
                       help="model, train: host allocator setting of both sides' processes (see above)")
+  parser.add_argument("--tiny", action="store_true", help="device: toy sizes, the Pallas kernel interpreted (CPU)")
+  parser.add_argument("--budget_s", type=float, help="device: seconds for all parts (default 450; --tiny 300)")
+  parser.add_argument("--pallas_impl", choices=["pallas", "pallas_interpret_gpu", "pallas_interpret_tpu"],
+                      help="device: the Pallas form to check (default: pallas on GPU/TPU, with --tiny "
+                      "pallas_interpret_gpu, else none)")
   parser.add_argument("--json", type=pathlib.Path, help="also write the rows here (atomically)")
   # The model and train groups' workers (one subprocess per side and batch): print their result as JSON on the last
   # line.
@@ -98,14 +125,23 @@ def main(argv=None) -> int:
   parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
   parser.add_argument("--kind", choices=sorted(MODEL_CONFIGS), help=argparse.SUPPRESS)
   parser.add_argument("--stages", action="store_true", help=argparse.SUPPRESS)
+  # The device group's parts (one subprocess each): results as JSON lines in --results, no items after --deadline.
+  parser.add_argument("--part", choices=["roi_align", "infer", "train"], help=argparse.SUPPRESS)
+  parser.add_argument("--results", type=pathlib.Path, help=argparse.SUPPRESS)
+  parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.repeats is None:
-    args.repeats = DEFAULT_REPEATS[args.group]
+    args.repeats = 5 if args.tiny else DEFAULT_REPEATS[args.group]
   if args.repeats < 5:
     parser.error("--repeats must be at least 5")
-  if args.only:
+  if args.budget_s is None:
+    args.budget_s = 300.0 if args.tiny else 450.0
+  if args.only or args.part:
     # Before torch or JAX starts a thread: the setting must hold for every thread's allocations.
     host_memory.configure(args.host_malloc)
+  if args.group == "device":
+    return _run_device(args)
+  if args.only:
     print(json.dumps(_group(args.group).worker(args)))
     return 0
   import jax
