@@ -38,7 +38,7 @@ Groups (one module each in scripts/bench/):
          640x480 image; the bfloat16 train step's images/s at batch 8 beside its target (>= 60 per H100-class GPU);
          every program's compile time and the device's peak memory. Each part in its own time-boxed subprocess;
          what does not fit is skipped with a note. Its own table and JSON (scripts/bench/device.py has the schema).
-         --tiny runs the same code paths at toy sizes on a CPU in seconds (tests/test_benchmark_device.py).
+         --tiny runs the same code paths at toy sizes on a CPU (2 minutes here; tests/test_benchmark_device.py).
 
 torch runs with as many threads as JAX's CPU client uses (all cores). Both sides' processes run with the same host
 allocator setting: --host_malloc=reuse (default; `mrcnn_jax.host_memory`, what `mrcnn_jax.main` uses) keeps freed

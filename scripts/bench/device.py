@@ -1,7 +1,7 @@
 """The device group: the check to run on an accelerator, one command within a time budget (8 minutes on one GPU).
 
   python scripts/benchmark.py device [--json device.json] [--budget_s 450] [--repeats 10] [--pallas_impl IMPL]
-  python scripts/benchmark.py device --tiny [--json device.json]   # the same code paths on a CPU, in seconds
+  python scripts/benchmark.py device --tiny [--json device.json]   # the same code paths on a CPU (2 minutes here)
 
 It runs on the first device only (one chip) and measures:
   environment  backend, device kind and count, jax / jaxlib / flax versions.
