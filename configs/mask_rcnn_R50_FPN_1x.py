@@ -61,7 +61,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # set's category names (after checking that the set has num_classes categories) before it saves the config with
   # each checkpoint, so that predict and evaluate name what the checkpoint was trained on.
   model.class_names = categories.coco_class_names()
-  model.compute_dtype = "float32"  # "bfloat16" on accelerators; params stay float32
+  # Mixed precision: "bfloat16" (GPU, TPU) computes activations in bfloat16; params, optimizer state, norm statistics,
+  # losses and the gradient norm stay float32, and checkpoints hold float32 weights (README, Training).
+  model.compute_dtype = "float32"
   # Loss normalization and mask targets: "detectron2" (RPN losses / (anchors per image x images), binary mask
   # targets) | "torchvision" (RPN losses / sampled anchors, soft mask targets). See modeling/losses.py.
   model.loss_convention = "detectron2"

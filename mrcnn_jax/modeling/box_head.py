@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from mrcnn_jax.modeling import layers
 from mrcnn_jax.ops import boxes as box_ops
 from mrcnn_jax.ops import nms as nms_ops
 
@@ -26,10 +27,10 @@ class BoxHead(nn.Module):
   def __call__(self, x):
     b, r = x.shape[:2]
     x = x.reshape(b, r, -1).astype(self.dtype)  # (h, w, c) order; torch weights (c, h, w) are permuted on conversion
-    x = nn.relu(nn.Dense(self.fc_dim, dtype=self.dtype, name="fc1")(x))
-    x = nn.relu(nn.Dense(self.fc_dim, dtype=self.dtype, name="fc2")(x))
-    logits = nn.Dense(self.num_classes + 1, dtype=self.dtype, name="cls_score")(x)
-    deltas = nn.Dense(4 * (self.num_classes + 1), dtype=self.dtype, name="bbox_pred")(x)
+    x = nn.relu(layers.Dense(self.fc_dim, dtype=self.dtype, name="fc1")(x))
+    x = nn.relu(layers.Dense(self.fc_dim, dtype=self.dtype, name="fc2")(x))
+    logits = layers.Dense(self.num_classes + 1, dtype=self.dtype, name="cls_score")(x)
+    deltas = layers.Dense(4 * (self.num_classes + 1), dtype=self.dtype, name="bbox_pred")(x)
     return logits.astype(jnp.float32), deltas.astype(jnp.float32)
 
 

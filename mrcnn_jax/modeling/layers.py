@@ -1,12 +1,19 @@
-"""The layers the backbone and the heads are built of: norms, and convolutions padded like torch's.
+"""The layers the backbone and the heads are built of: norms, convolutions padded like torch's, dense layers.
 
 Each convolution layer runs one op of `mrcnn_jax.cpu.conv` (`conv2d`, `pointwise`, `conv_transpose`): XLA's
 convolution and dot on GPU and TPU, with faster forms where the program runs on CPU (see `mrcnn_jax.cpu`;
 MRCNN_JAX_CPU_KERNELS=0 runs XLA's ops there too).
+
+Mixed precision (`model.compute_dtype = "bfloat16"`): parameters are float32 and cast to the compute dtype where
+they are used, so their gradients come back float32. Norm statistics, and FrozenBN's folded scale and bias, are
+computed in float32 (flax's BatchNorm and GroupNorm reduce in float32). A bias's gradient is the sum of the output's
+gradient over every pixel (and RoI) of the batch, hundreds of thousands of terms: `add_bias` sums it in float32,
+where JAX's own transpose of the broadcast would sum in bfloat16 (8 bits of mantissa).
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import flax.linen as nn
 from jax import lax
@@ -36,6 +43,39 @@ class FrozenBatchNorm(nn.Module):
     s = scale * lax.rsqrt(var + self.eps)
     b = bias - mean * s
     return x * s.astype(x.dtype) + b.astype(x.dtype)
+
+
+@jax.custom_vjp
+def add_bias(y, bias):
+  """y (..., C) + bias (C,) in y's dtype; the bias's gradient summed in float32 and returned in bias's dtype."""
+  return y + bias.astype(y.dtype)
+
+
+def _add_bias_fwd(y, bias):
+  return add_bias(y, bias), bias
+
+
+def _add_bias_bwd(bias, g):
+  d_bias = jnp.sum(g, axis=tuple(range(g.ndim - 1)), dtype=jnp.float32)  # accumulated in float32 inside the reduce
+  return g, d_bias.astype(bias.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+class Dense(nn.Module):
+  """flax nn.Dense over the last axis (its parameters, `kernel` (in, out) and `bias` (out,), and initializers, so
+  checkpoints and converters see the same tree), computed in `dtype` with the bias added by `add_bias`."""
+
+  features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    y = lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+    return add_bias(y, bias)
 
 
 def make_norm(kind: str, *, train: bool, eps: float, name: str, dtype=jnp.float32) -> nn.Module:
@@ -74,7 +114,7 @@ class Conv(nn.Module):
     else:
       y = conv_ops.conv2d(x, kernel, self.stride, k // 2)
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32).astype(self.dtype)
+      y = add_bias(y, self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32))
     return y
 
 
@@ -102,7 +142,7 @@ class ConvTranspose(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
     y = conv_ops.conv_transpose(x.astype(self.dtype), kernel, self.stride, self.padding)
-    return y + bias.astype(self.dtype)
+    return add_bias(y, bias)
 
 
 def conv_transpose(features: int, kernel: int, stride: int, padding: int, *, name: str, dtype=jnp.float32):
