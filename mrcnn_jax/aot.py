@@ -562,14 +562,27 @@ class Target:
   device_kind: str
   hbm: int
   mesh: object
+  hbm_name: str = ""
 
   @classmethod
-  def make(cls, topology: str) -> Target:
+  def make(cls, topology: str, *, hbm_gib: float | None = None) -> Target:
+    """`hbm_gib`, when given, is the budget per chip to fit in instead of the chip's whole HBM (to keep room for
+    another program, or to plan for a smaller chip)."""
     from mrcnn_jax import train
 
+    if hbm_gib is not None and not hbm_gib > 0:
+      raise ValueError(f"--hbm_gib must be positive, got {hbm_gib}")
     devices = topology_devices(topology)
     kind = devices[0].device_kind
-    return cls(topology, devices, kind, hbm_bytes(kind), train.make_mesh(devices))
+    if hbm_gib is None:
+      return cls(topology, devices, kind, hbm_bytes(kind), train.make_mesh(devices))
+    hbm = int(hbm_gib * GiB)
+    return cls(topology, devices, kind, hbm, train.make_mesh(devices),
+               f"the {_gib(hbm)} budget per chip (--hbm_gib; {kind} has {_gib(hbm_bytes(kind))})")
+
+  @property
+  def hbm_description(self) -> str:
+    return self.hbm_name or f"{self.device_kind}'s {_gib(self.hbm)} HBM"
 
   @property
   def num_devices(self) -> int:
@@ -601,13 +614,13 @@ def compile_program(config, target: Target, program: str, canvas_hw, batch_per_c
     if message is None:
       raise
     used = _oom_used_bytes(message)
-    raise DoesNotFit(f"{where} does not fit in {target.device_kind}'s {_gib(target.hbm)} HBM: XLA: {message}",
+    raise DoesNotFit(f"{where} does not fit in {target.hbm_description}: XLA: {message}",
                      program=program, batch_per_chip=batch_per_chip, total_bytes=used) from None
   t2 = time.perf_counter()
   memory = memory_report(compiled)
   fits = memory["total"] <= target.hbm
   if check_fit and not fits:
-    raise DoesNotFit(f"{where} does not fit in {target.device_kind}'s {_gib(target.hbm)} HBM: it needs "
+    raise DoesNotFit(f"{where} does not fit in {target.hbm_description}: it needs "
                      f"{_gib(memory['total'])} per device", program=program, batch_per_chip=batch_per_chip,
                      total_bytes=memory["total"])
   cost = compiled.cost_analysis()
@@ -765,14 +778,14 @@ def describe(report: dict, target: Target) -> str:
 
 
 def run(config, topology: str, *, programs=PROGRAMS, batch_per_chip: int | None = None, search: bool = False,
-        log=print) -> dict:
+        hbm_gib: float | None = None, log=print) -> dict:
   """Everything the command does, as a function: compile `programs` for each canvas on `topology`.
 
   Returns a JSON-able dict: versions, the target, one report per (program, canvas), with `search` the largest
   batch per chip per canvas, and "errors": the one-line DoesNotFit message of each program that does not fit at the
   batch asked for (its entry in "programs" says fits False). Raises AotUnavailable.
   """
-  target = Target.make(topology)
+  target = Target.make(topology, hbm_gib=hbm_gib)
   batch = default_batch_per_chip(config, target) if batch_per_chip is None else int(batch_per_chip)
   result = {
       "jax": jax.__version__,
@@ -839,7 +852,8 @@ def main(argv):
   if bad or not programs:
     raise SystemExit(f"mrcnn_jax.aot: --programs must name some of {PROGRAMS}, got {f.programs!r}")
   try:
-    result = run(config, f.topology, programs=programs, batch_per_chip=f.batch_per_chip, search=f.search_max_batch)
+    result = run(config, f.topology, programs=programs, batch_per_chip=f.batch_per_chip, search=f.search_max_batch,
+                 hbm_gib=f.hbm_gib)
   except (AotUnavailable, ValueError) as e:
     print(f"mrcnn_jax.aot: {e}", file=sys.stderr)
     sys.exit(2)
@@ -866,6 +880,7 @@ def _define_flags():
   flags.DEFINE_bool("search_max_batch", False, "Also find the largest batch per chip whose train step fits.")
   flags.DEFINE_string("programs", ",".join(PROGRAMS), "Programs to compile: train, infer or both.")
   flags.DEFINE_string("json", None, "Write the whole report as JSON here (atomically).")
+  flags.DEFINE_float("hbm_gib", None, "Fit in this many GiB per chip instead of the chip's whole HBM.")
   flags.mark_flags_as_required(["config", "topology"])
 
 

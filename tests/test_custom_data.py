@@ -65,14 +65,14 @@ def test_unset_fields_without_a_dataset_name_the_field():
 def test_the_custom_data_command_trains_evaluates_and_predicts_with_names(data, tmp_path):
   workdir = tmp_path / "run"
   paths = [f"--config.dataset.{k}={v}" for k, v in data.items()]
-  short = ["--config.train.max_iter=4", "--config.train.batch_size=2", "--config.train.log_every=2"]
+  short = ["--config.train.max_iter=4", "--config.train.log_every=2"]
   done = subprocess.run([sys.executable, "-m", "mrcnn_jax.main", f"--config={CONFIG}", f"--workdir={workdir}",
-                         *paths, *short], cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
+                         *paths, *short], cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   out = done.stdout
   assert "from the data: model.num_classes=1" in out and "nucleus" in out
   assert "from the data: input.max_instances=" in out
-  assert "segm/AP" in out or "segm" in out
+  assert "Evaluation results for segm:" in out and "Per-category segm AP:" in out
   assert (workdir / "predictions.png").is_file()
   metrics = json.loads((workdir / "eval" / "metrics.json").read_text())["metrics"]
   assert "segm/AP" in metrics and "bbox/AP-nucleus" in metrics
@@ -80,7 +80,7 @@ def test_the_custom_data_command_trains_evaluates_and_predicts_with_names(data, 
   out_dir = tmp_path / "pred"
   done = subprocess.run([sys.executable, "-m", "mrcnn_jax.predict", f"--checkpoint={workdir}",
                          f"--images={data['val_image_dir']}", f"--out={out_dir}", "--score_threshold=0"],
-                        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+                        cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   predictions = json.loads((out_dir / "predictions.json").read_text())
   assert predictions["class_names"][1:] == ["nucleus"]
