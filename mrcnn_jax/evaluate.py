@@ -537,13 +537,13 @@ def load_eval_source(config):
 def default_output_dir(checkpoint_path) -> pathlib.Path:
   """<workdir>/eval for a training checkpoint (workdir, its checkpoints/ or a step in it), <checkpoint>/eval for a
   variables checkpoint."""
-  from mrcnn_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from mrcnn_jax import checkpoint, train_checkpoint  # pylint: disable=import-outside-toplevel
 
   path = pathlib.Path(checkpoint_path).expanduser().absolute()
   if not (path / checkpoint.VARIABLES_DIR).is_dir():
-    if path.name.isdigit() and path.parent.name == checkpoint.CHECKPOINTS_DIR:
+    if path.name.isdigit() and path.parent.name == train_checkpoint.CHECKPOINTS_DIR:
       path = path.parent.parent
-    elif path.name == checkpoint.CHECKPOINTS_DIR:
+    elif path.name == train_checkpoint.CHECKPOINTS_DIR:
       path = path.parent
   return path / "eval"
 

@@ -517,7 +517,8 @@ def train(config, workdir, *, source=None, stop_after: int | None = None, evalua
   """
   import time
 
-  from mrcnn_jax import checkpoint, train_log
+  from mrcnn_jax import train_checkpoint, train_log
+  from mrcnn_jax.preemption import install_preemption_handler
   from mrcnn_jax.data import pipeline
 
   workdir = pathlib.Path(workdir)
@@ -537,7 +538,8 @@ def train(config, workdir, *, source=None, stop_after: int | None = None, evalua
   state = create_train_state(config, jax.random.key(tc.seed))
   replicated = NamedSharding(mesh, P())
   state = jax.device_put(state, replicated)
-  ckpt = checkpoint.TrainCheckpointer(workdir, keep=tc.keep_checkpoints, save_interval_steps=tc.checkpoint_every)
+  ckpt = train_checkpoint.TrainCheckpointer(workdir, keep=tc.keep_checkpoints,
+                                           save_interval_steps=tc.checkpoint_every)
   restored = ckpt.restore(target_state=state)
   if restored is not None:
     state, data_state, step = restored
@@ -555,7 +557,7 @@ def train(config, workdir, *, source=None, stop_after: int | None = None, evalua
   # One set of writers for the whole run: process 0 logs (the metrics are replicated, every process holds the same
   # values): metrics.jsonl and TensorBoard events in <workdir>/tensorboard.
   writer = train_log.MetricWriters.for_workdir(workdir, start_step=step) if jax.process_index() == 0 else None
-  preemption = checkpoint.install_preemption_handler()
+  preemption = install_preemption_handler()
 
   def last_good() -> str:
     last = ckpt.latest_step()

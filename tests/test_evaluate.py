@@ -24,7 +24,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from mrcnn_jax import checkpoint, evaluate
+from mrcnn_jax import checkpoint, evaluate, train_checkpoint
 from mrcnn_jax.data import coco, shapes
 from mrcnn_jax.modeling import mask_rcnn
 from mrcnn_jax.train import TrainState
@@ -591,7 +591,7 @@ def test_load_inference_from_a_variables_checkpoint(tmp_path):
 def workdir(tmp_path_factory):
   """A training workdir with steps 3 and 6 (different variables), saved as the trainer saves its TrainState."""
   workdir = tmp_path_factory.mktemp("run")
-  with checkpoint.TrainCheckpointer(workdir, async_save=False) as ckpt:
+  with train_checkpoint.TrainCheckpointer(workdir, async_save=False) as ckpt:
     for step, seed in ((3, 1), (6, 2)):
       v = _variables(seed)
       state = TrainState(step=jnp.asarray(step, jnp.int32), params=v["params"], batch_stats=v["batch_stats"],
