@@ -27,7 +27,7 @@ from pycocotools.cocoeval import COCOeval
 from mrcnn_jax import checkpoint, evaluate, train_checkpoint
 from mrcnn_jax.data import coco, shapes
 from mrcnn_jax.modeling import mask_rcnn
-from mrcnn_jax.train import TrainState
+from mrcnn_jax.train_state import TrainState
 
 import tiny_model
 

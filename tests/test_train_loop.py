@@ -11,7 +11,7 @@ import own_data
 import pytest
 import tiny_model
 
-from mrcnn_jax import train, train_checkpoint
+from mrcnn_jax import train, train_checkpoint, train_state
 from mrcnn_jax.data import coco
 
 # The trainer's tiny model, for the set's one class.
@@ -109,8 +109,8 @@ def test_parameters_that_are_not_finite_are_never_saved(own_set, tmp_path, monke
 
   def small_state(config, key, canvas_hw):
     del config, key, canvas_hw
-    return train.TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.ones((3,))}, batch_stats={},
-                            opt_state={})
+    return train_state.TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.ones((3,))}, batch_stats={},
+                                  opt_state={})
 
   def overflowing_step(config, model, mesh):
     del config, model, mesh
