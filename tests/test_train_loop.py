@@ -107,7 +107,7 @@ def test_parameters_that_are_not_finite_are_never_saved(own_set, tmp_path, monke
   ones."""
   import jax.numpy as jnp
 
-  def small_state(config, key, canvas_hw):
+  def small_state(config, key, canvas_hw=None):  # the loop calls create_train_state(config, key)
     del config, key, canvas_hw
     return train_state.TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.ones((3,))}, batch_stats={},
                                   opt_state={})
