@@ -24,7 +24,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from mrcnn_jax import checkpoint, evaluate, train_checkpoint
+from mrcnn_jax import checkpoint, coco_eval, evaluate, train_checkpoint
 from mrcnn_jax.data import coco, shapes
 from mrcnn_jax.modeling import mask_rcnn
 from mrcnn_jax.train_state import TrainState
@@ -146,7 +146,7 @@ def _without_bbox(results):
 
 
 def test_perfect_predictions_score_100(boxes_gt):
-  metrics = evaluate.score_coco(COCO(str(boxes_gt)), _perfect_results(), IMAGE_IDS, iou_types=("bbox", "segm"))
+  metrics = coco_eval.score_coco(COCO(str(boxes_gt)), _perfect_results(), IMAGE_IDS, iou_types=("bbox", "segm"))
   for task in ("bbox", "segm"):
     for name in BOX_STATS:
       if name == "AR@1":  # image 10 holds two cats: one detection per image finds one of them
@@ -160,8 +160,8 @@ def test_perfect_predictions_score_100(boxes_gt):
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
 def test_known_errors_score_what_cocoeval_scores(boxes_gt, iou_type):
   results = _results_with_errors()
-  metrics = evaluate.score_coco(COCO(str(boxes_gt)), results, IMAGE_IDS, iou_types=("bbox", "segm"),
-                                max_detections=100)
+  metrics = coco_eval.score_coco(COCO(str(boxes_gt)), results, IMAGE_IDS, iou_types=("bbox", "segm"),
+                                 max_detections=100)
   direct = results if iou_type == "bbox" else _without_bbox(results)
   expected = _cocoeval_stats(boxes_gt, direct, iou_type)
   for name, value in zip(BOX_STATS, expected):
@@ -175,32 +175,32 @@ def test_known_errors_score_what_cocoeval_scores(boxes_gt, iou_type):
 def test_results_are_not_modified(boxes_gt):
   results = _results_with_errors()
   before = copy.deepcopy(results)
-  evaluate.score_coco(COCO(str(boxes_gt)), results, IMAGE_IDS, iou_types=("bbox", "segm"))
+  coco_eval.score_coco(COCO(str(boxes_gt)), results, IMAGE_IDS, iou_types=("bbox", "segm"))
   assert results == before
 
 
 def test_every_image_of_the_set_is_scored(boxes_gt):
   """A false positive on the image without objects lowers AP only if that image is scored."""
   results = _results_with_errors()
-  everything = evaluate.score_coco(COCO(str(boxes_gt)), results, IMAGE_IDS)
-  without_12 = evaluate.score_coco(COCO(str(boxes_gt)), results, (10, 11))
+  everything = coco_eval.score_coco(COCO(str(boxes_gt)), results, IMAGE_IDS)
+  without_12 = coco_eval.score_coco(COCO(str(boxes_gt)), results, (10, 11))
   assert everything["bbox/AP-dog"] < without_12["bbox/AP-dog"]
 
 
 def test_ground_truth_from_records_scores_like_the_file(boxes_gt, tmp_path):
   """The tfds path scores against records turned back into COCO; with RLE masks nothing changes."""
   source = coco.load_coco(boxes_gt, tmp_path, train=False)
-  rebuilt = evaluate.coco_from_records(source.records, source.category_map)
+  rebuilt = coco_eval.coco_from_records(source.records, source.category_map)
   results = _results_with_errors()
-  from_file = evaluate.score_coco(COCO(str(boxes_gt)), results, IMAGE_IDS, iou_types=("bbox", "segm"))
-  from_records = evaluate.score_coco(rebuilt, results, IMAGE_IDS, iou_types=("bbox", "segm"))
+  from_file = coco_eval.score_coco(COCO(str(boxes_gt)), results, IMAGE_IDS, iou_types=("bbox", "segm"))
+  from_records = coco_eval.score_coco(rebuilt, results, IMAGE_IDS, iou_types=("bbox", "segm"))
   assert from_file.keys() == from_records.keys()
   for key, value in from_file.items():
     assert _same(from_records[key], value), key
 
 
 def test_no_detections_at_all_score_zero(boxes_gt):
-  metrics = evaluate.score_coco(COCO(str(boxes_gt)), [], IMAGE_IDS, iou_types=("bbox", "segm"))
+  metrics = coco_eval.score_coco(COCO(str(boxes_gt)), [], IMAGE_IDS, iou_types=("bbox", "segm"))
   assert metrics["bbox/AP"] == 0.0 and metrics["segm/AR"] == 0.0 and metrics["bbox/AP-bird"] == 0.0
 
 
@@ -248,8 +248,8 @@ def _keypoint_results(gt_path, shifts=(0.0, 0.0, 0.0)):
 
 
 def test_perfect_keypoints_score_100(keypoints_gt):
-  metrics = evaluate.score_coco(COCO(str(keypoints_gt)), _keypoint_results(keypoints_gt), (1, 2),
-                                iou_types=("bbox", "keypoints"))
+  metrics = coco_eval.score_coco(COCO(str(keypoints_gt)), _keypoint_results(keypoints_gt), (1, 2),
+                                 iou_types=("bbox", "keypoints"))
   for name in KEYPOINT_STATS:
     assert metrics[f"keypoints/{name}"] == pytest.approx(100.0), name
   assert metrics["keypoints/AP-person"] == pytest.approx(100.0)
@@ -258,7 +258,7 @@ def test_perfect_keypoints_score_100(keypoints_gt):
 
 def test_keypoint_errors_score_what_cocoeval_scores(keypoints_gt):
   results = _keypoint_results(keypoints_gt, shifts=(0.0, 3.0, 9.0))
-  metrics = evaluate.score_coco(COCO(str(keypoints_gt)), results, (1, 2), iou_types=("keypoints",))
+  metrics = coco_eval.score_coco(COCO(str(keypoints_gt)), results, (1, 2), iou_types=("keypoints",))
   expected = _cocoeval_stats(keypoints_gt, results, "keypoints")
   for name, value in zip(KEYPOINT_STATS, expected):
     assert _same(metrics[f"keypoints/{name}"], value), (name, metrics[f"keypoints/{name}"], value)
@@ -459,7 +459,7 @@ def test_table_has_detectron2_layout():
   metrics = {"bbox/AP": 38.6473, "bbox/AP50": 59.451, "bbox/AP75": 42.107, "bbox/APs": math.nan,
              "bbox/APm": 42.052, "bbox/APl": 50.049, "bbox/AR": 50.0, "bbox/AP-person": 52.545,
              "bbox/AP-bicycle": 28.808, "bbox/AP-car": 42.316, "bbox/AP-motorcycle": 40.1}
-  assert evaluate.format_table(metrics).splitlines() == [
+  assert coco_eval.format_table(metrics).splitlines() == [
       "Evaluation results for bbox:",
       "|   AP   |  AP50  |  AP75  |  APs  |  APm   |  APl   |",
       "|:------:|:------:|:------:|:-----:|:------:|:------:|",
