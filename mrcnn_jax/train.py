@@ -72,7 +72,7 @@ def check_training_source(config, source) -> None:
     so that the config saved with each checkpoint names the labels it was trained on.
   * Images with more instances than input.max_instances G: one warning with the counts (images, instances left out
     of training, the most in one image) and the setting to raise. Each example keeps G instances
-    (`pipeline.select_instances`: crowd ones and then the smallest go first).
+    (`examples.select_instances`: crowd ones and then the smallest go first).
   A source without a `category_map` (a test's in-memory fake) skips the first two.
   """
   from mrcnn_jax.data import categories

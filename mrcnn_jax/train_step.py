@@ -30,7 +30,7 @@ from mrcnn_jax.train_state import TrainState, learning_rate_schedule, make_optim
 def train_step(state: TrainState, batch: dict, *, config, model: MaskRCNN) -> tuple[TrainState, dict]:
   """One SGD step on a batch: losses, gradients, update.
 
-  state: TrainState. batch: the dict of `data.pipeline.train_example` arrays stacked to (B, ...) (image
+  state: TrainState. batch: the dict of `data.examples.train_example` arrays stacked to (B, ...) (image
   (B, H, W, 3) float32, image_info (B, 6), gt_boxes (B, G, 4), gt_classes (B, G), gt_valid (B, G),
   gt_is_crowd (B, G), gt_masks (B, G, M, M) uint8; other keys are ignored). model: MaskRCNN(config.model,
   train=True); its compute dtype comes from config.model.compute_dtype, params and losses stay float32.

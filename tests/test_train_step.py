@@ -203,7 +203,7 @@ def _tiny_config():
 
 
 def _tiny_batch(num_images=8):
-  """The arrays of `pipeline.train_example` stacked to (B, ...): noise images with 1-2 elliptic instances each."""
+  """The arrays of `examples.train_example` stacked to (B, ...): noise images with 1-2 elliptic instances each."""
   rng = np.random.default_rng(0)
   b = num_images
   batch = {
