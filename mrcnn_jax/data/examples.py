@@ -117,79 +117,79 @@ def transform_train_example(record: ImageRecord, image, input_cfg, *, short_side
   sampling is symmetric about the box centre).
   """
   image = check_train_image(record, image)
-  mode = input_cfg.resize_mode
   height, width = image.shape[:2]
-  new_h, new_w = transforms.output_size(height, width, int(short_side), input_cfg.max_size_train, mode)
-  norm = dict(pixel_format=input_cfg.pixel_format, pixel_scale=input_cfg.pixel_scale,
-              pixel_mean=input_cfg.pixel_mean, pixel_std=input_cfg.pixel_std)
-  # The framework's own order (see `transforms.preprocess`): rounding makes the two orders differ slightly.
-  if mode == "torchvision":
-    resized = transforms.resize_image(transforms.normalize_image(image, **norm), (new_h, new_w), mode)
-  else:
-    resized = transforms.normalize_image(transforms.resize_image(image, (new_h, new_w), mode), **norm)
+  new_h, new_w = transforms.output_size(height, width, int(short_side), input_cfg.max_size_train,
+                                        input_cfg.resize_mode)
+  resized = transforms.resize_and_normalize(image, (new_h, new_w), input_cfg)
   if flip:
     resized = resized[:, ::-1]
   if canvas_hw is None:
     canvas_hw = transforms.train_canvas(height, width, input_cfg)
   canvas = transforms.pad_to_canvas(resized, canvas_hw)
-  scale_h, scale_w = new_h / height, new_w / width
-  info = np.array([new_h, new_w, scale_h, scale_w, height, width], np.float32)
+  scale_hw = (new_h / height, new_w / width)
 
   num_slots = int(input_cfg.max_instances)
-  mask_size = int(input_cfg.gt_mask_size)
-  num_kp = _num_keypoints(input_cfg)
   boxes = np.asarray(record.boxes, np.float32).reshape(-1, 4)
   is_crowd = np.asarray(record.is_crowd, bool).reshape(-1)
   keep = select_instances(boxes, is_crowd, num_slots)
-  k = len(keep)
-
-  kept = boxes[keep].astype(np.float64) * np.array([scale_w, scale_h, scale_w, scale_h])
-  if flip:
-    kept = np.stack([new_w - kept[:, 2], kept[:, 1], new_w - kept[:, 0], kept[:, 3]], axis=1)
-  crops = _crop_masks(record, keep, mask_size)
-  if flip:
-    crops = crops[:, :, ::-1]
-
-  gt_keypoints = np.zeros((num_slots, num_kp, 3), np.float32)
-  if record.keypoints is not None and k:
-    kp = np.asarray(record.keypoints, np.float64)
-    if kp.ndim != 3 or kp.shape[1:] != (num_kp, 3):
-      raise ValueError(f"image {record.file_name} (id {record.image_id}): keypoints have shape {kp.shape}, "
-                       f"expected (n, {num_kp}, 3) (input_cfg.num_keypoints)")
-    kp = kp[keep].copy()
-    kp[..., 0] *= scale_w
-    kp[..., 1] *= scale_h
-    # Detectron2's `transform_keypoint_annotations`: a keypoint outside the image is unlabeled.
-    inside = (kp[..., 0] >= 0) & (kp[..., 0] <= new_w) & (kp[..., 1] >= 0) & (kp[..., 1] <= new_h)
-    kp[..., 2] = np.where(inside, kp[..., 2], 0)
-    if flip:
-      kp[..., 0] = new_w - kp[..., 0]
-      kp = kp[:, _keypoint_flip_permutation(input_cfg.keypoint_flip_map, num_kp)]
-    kp[kp[..., 2] == 0] = 0  # COCO convention: unlabeled keypoints sit at (0, 0)
-    gt_keypoints[:k] = kp
-
-  gt_boxes = np.zeros((num_slots, 4), np.float32)
-  gt_boxes[:k] = kept
-  gt_classes = np.zeros((num_slots,), np.int32)
-  gt_classes[:k] = np.asarray(record.classes).reshape(-1)[keep]
-  gt_valid = np.zeros((num_slots,), bool)
-  gt_valid[:k] = True
-  gt_is_crowd = np.zeros((num_slots,), bool)
-  gt_is_crowd[:k] = is_crowd[keep]
-  gt_masks = np.zeros((num_slots, mask_size, mask_size), np.uint8)
-  gt_masks[:k] = crops
+  crops = _crop_masks(record, keep, int(input_cfg.gt_mask_size))
+  keypoints = _transform_keypoints(record, keep, input_cfg, scale_hw, (new_h, new_w), flip)
   return {
       "image": canvas,
-      "image_info": info,
-      "gt_boxes": gt_boxes,
-      "gt_classes": gt_classes,
-      "gt_valid": gt_valid,
-      "gt_is_crowd": gt_is_crowd,
-      "gt_masks": gt_masks,
-      "gt_keypoints": gt_keypoints,
+      "image_info": np.array([new_h, new_w, *scale_hw, height, width], np.float32),
+      "gt_boxes": _in_slots(_transform_boxes(boxes[keep], scale_hw, new_w, flip), num_slots, np.float32),
+      "gt_classes": _in_slots(np.asarray(record.classes).reshape(-1)[keep], num_slots, np.int32),
+      "gt_valid": np.arange(num_slots) < len(keep),
+      "gt_is_crowd": _in_slots(is_crowd[keep], num_slots, bool),
+      "gt_masks": _in_slots(crops[:, :, ::-1] if flip else crops, num_slots, np.uint8),
+      "gt_keypoints": _in_slots(keypoints, num_slots, np.float32),
       "image_id": np.asarray(record.image_id, np.int64),
-      "num_dropped": np.asarray(record.num_instances - k, np.int32),
+      "num_dropped": np.asarray(record.num_instances - len(keep), np.int32),
   }
+
+
+def _transform_boxes(boxes: np.ndarray, scale_hw: tuple[float, float], resized_w: int, flip: bool) -> np.ndarray:
+  """(k, 4) XYXY boxes in original pixels -> (k, 4) float64 in resized pixels, mirrored about the resized image's
+  vertical axis when `flip`."""
+  scale_h, scale_w = scale_hw
+  out = boxes.astype(np.float64) * np.array([scale_w, scale_h, scale_w, scale_h])
+  if flip:
+    out = np.stack([resized_w - out[:, 2], out[:, 1], resized_w - out[:, 0], out[:, 3]], axis=1)
+  return out
+
+
+def _transform_keypoints(record: ImageRecord, keep: np.ndarray, input_cfg, scale_hw: tuple[float, float],
+                         resized_hw: tuple[int, int], flip: bool) -> np.ndarray:
+  """(len(keep), K, 3) float64 keypoints of the kept instances: (x, y) in resized pixels, flipped with the config's
+  keypoint_flip_map when `flip`; visibility 0 outside the resized image; unlabeled ones at (0, 0, 0). Zeros when the
+  record has no keypoints. Raises ValueError naming the image when its keypoints are not (n, K, 3)."""
+  num_kp = _num_keypoints(input_cfg)
+  if record.keypoints is None or not len(keep):
+    return np.zeros((len(keep), num_kp, 3))
+  kp = np.asarray(record.keypoints, np.float64)
+  if kp.ndim != 3 or kp.shape[1:] != (num_kp, 3):
+    raise ValueError(f"image {record.file_name} (id {record.image_id}): keypoints have shape {kp.shape}, "
+                     f"expected (n, {num_kp}, 3) (input_cfg.num_keypoints)")
+  (scale_h, scale_w), (new_h, new_w) = scale_hw, resized_hw
+  kp = kp[keep].copy()
+  kp[..., 0] *= scale_w
+  kp[..., 1] *= scale_h
+  # Detectron2's `transform_keypoint_annotations`: a keypoint outside the image is unlabeled.
+  inside = (kp[..., 0] >= 0) & (kp[..., 0] <= new_w) & (kp[..., 1] >= 0) & (kp[..., 1] <= new_h)
+  kp[..., 2] = np.where(inside, kp[..., 2], 0)
+  if flip:
+    kp[..., 0] = new_w - kp[..., 0]
+    kp = kp[:, _keypoint_flip_permutation(input_cfg.keypoint_flip_map, num_kp)]
+  kp[kp[..., 2] == 0] = 0  # COCO convention: unlabeled keypoints sit at (0, 0)
+  return kp
+
+
+def _in_slots(values: np.ndarray, num_slots: int, dtype) -> np.ndarray:
+  """(k, ...) values -> (num_slots, ...) of `dtype`: the values in the first k slots, zeros in the others."""
+  values = np.asarray(values)
+  out = np.zeros((num_slots,) + values.shape[1:], dtype)
+  out[:len(values)] = values
+  return out
 
 
 def train_example(record: ImageRecord, image, input_cfg, rng: np.random.Generator,
