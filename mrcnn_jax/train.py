@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import pathlib
+import time
 import warnings
 
 import jax
@@ -152,11 +153,9 @@ def train(config, workdir, *, source=None, stop_after: int | None = None, evalua
   `evaluate_fn(state, step) -> dict` (optional) runs every train.eval_every steps before the last one (the caller
   evaluates the final state); its metrics are logged beside the losses. Every process calls it.
   """
-  import time
-
   from mrcnn_jax import train_checkpoint, train_log
-  from mrcnn_jax.preemption import install_preemption_handler
   from mrcnn_jax.data import pipeline
+  from mrcnn_jax.preemption import install_preemption_handler
 
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -165,29 +164,14 @@ def train(config, workdir, *, source=None, stop_after: int | None = None, evalua
   mesh = make_mesh()
   if int(tc.get("max_consecutive_nonfinite") or 0) < 1:
     raise ValueError(f"train.max_consecutive_nonfinite must be >= 1, got {tc.get('max_consecutive_nonfinite')!r}")
-  source = source if source is not None else load_train_source(config)
-  check_training_source(config, source)
-  loader = pipeline.make_train_loader(source, config.input, global_batch_size=tc.batch_size, seed=tc.seed,
-                                      num_workers=tc.num_workers)
-  data_iter = iter(loader)
+  data_iter = _training_input(config, source)
   # --- model, optimizer, restore ---------------------------------------------------------------------------------
   model = mask_rcnn.build_model(config, train=True)
-  state = create_train_state(config, jax.random.key(tc.seed))
   replicated = NamedSharding(mesh, P())
-  state = jax.device_put(state, replicated)
+  state = jax.device_put(create_train_state(config, jax.random.key(tc.seed)), replicated)
   ckpt = train_checkpoint.TrainCheckpointer(workdir, keep=tc.keep_checkpoints,
                                            save_interval_steps=tc.checkpoint_every)
-  restored = ckpt.restore(target_state=state)
-  if restored is not None:
-    state, data_state, step = restored
-    if data_state is not None:
-      data_iter.set_state(data_state)
-    log.info("resumed from %s at step %d", ckpt.directory, step)
-    if config.init_from:
-      log.info("init_from=%s ignored: the run resumes from its own checkpoint", config.init_from)
-  elif config.init_from:
-    # A fresh run only: the optimizer state stays the fresh one (no momentum), as it does for any fine-tuning.
-    state = jax.device_put(init_from_pretrained(state, config.init_from), replicated)
+  state = _restore_or_init(config, state, replicated, ckpt, data_iter)
   step = int(state.step)
   step_fn = jit_train_step(config, model, mesh)
   # --- loop ------------------------------------------------------------------------------------------------------
@@ -195,14 +179,7 @@ def train(config, workdir, *, source=None, stop_after: int | None = None, evalua
   # values): metrics.jsonl and TensorBoard events in <workdir>/tensorboard.
   writer = train_log.MetricWriters.for_workdir(workdir, start_step=step) if jax.process_index() == 0 else None
   preemption = install_preemption_handler()
-
-  def last_good() -> str:
-    last = ckpt.latest_step()
-    return (f"the last good checkpoint is step {last} in {ckpt.directory} (left intact)" if last is not None
-            else f"no checkpoint was saved yet in {ckpt.directory}")
-
-  steps_done = 0
-  nonfinite_in_a_row = 0
+  steps_done, nonfinite_in_a_row = 0, 0
   start = time.perf_counter()
   try:
     while step < tc.max_iter:
@@ -216,46 +193,112 @@ def train(config, workdir, *, source=None, stop_after: int | None = None, evalua
       step += 1
       steps_done += 1
       if step % tc.log_every == 0 or step == tc.max_iter:  # before the checks below: a non-finite step is logged too
-        values = {k: float(v) for k, v in metrics.items() if k != "finite"}
-        seconds = (time.perf_counter() - start) / steps_done
-        if writer is not None:
-          log.info(train_log.format_line(step, tc.max_iter, values, seconds_per_iter=seconds,
-                                         data_seconds=data_seconds))
-          writer.write(step, dict(values, time=seconds, data_time=data_seconds))
-      if bool(metrics["finite"]):
-        nonfinite_in_a_row = 0
-      else:
-        nonfinite_in_a_row += 1
-        losses = {k: float(v) for k, v in metrics.items() if k.startswith("loss") or k == "total_loss"}
-        if not tc.skip_nonfinite:
-          raise FloatingPointError(f"non-finite loss at step {step}: {losses}; {last_good()}")
-        if nonfinite_in_a_row >= tc.max_consecutive_nonfinite:
-          raise FloatingPointError(
-              f"{nonfinite_in_a_row} non-finite steps in a row, the last at step {step} (train.skip_nonfinite skips "
-              f"at most train.max_consecutive_nonfinite = {tc.max_consecutive_nonfinite}): the run diverged; "
-              f"losses {losses}; {last_good()}")
-        log.warning("step %d: non-finite loss %s, update skipped (%d in a row, the run stops at %d)", step, losses,
-                    nonfinite_in_a_row, tc.max_consecutive_nonfinite)
+        _log_step(writer, step, tc.max_iter, metrics, (time.perf_counter() - start) / steps_done, data_seconds)
+      nonfinite_in_a_row = _count_nonfinite(metrics, step, nonfinite_in_a_row, tc, ckpt)
       # A signal reaches one host; every process must stop (and save) at the same step: a collective check.
       stop = preemption.sync_requested() or (stop_after is not None and steps_done >= stop_after)
       if step % tc.checkpoint_every == 0 or step == tc.max_iter or stop:
-        # A finite loss does not make a finite update (a huge learning rate overflows the parameters): a checkpoint
-        # of such parameters would be the "last good" one a resumed run starts from.
-        if not bool(_all_finite((state.params, state.batch_stats))):
-          raise FloatingPointError(f"the parameters are not finite after step {step} (an update overflowed them: "
-                                   f"lower train.base_lr, or set train.clip_grad_norm); not saved: {last_good()}")
-        ckpt.save(step, state, data_state=data_iter.get_state(), config=config, force=True)
+        _save_checkpoint(ckpt, step, state, data_iter, config)
       if evaluate_fn is not None and tc.eval_every and step % tc.eval_every == 0 and step < tc.max_iter and not stop:
-        eval_metrics = evaluate_fn(state, step)
-        if writer is not None and eval_metrics:
-          writer.write(step, {k: v for k, v in eval_metrics.items() if isinstance(v, float) and math.isfinite(v)})
+        _log_evaluation(writer, step, evaluate_fn(state, step))
       if stop:
         break
   finally:
-    preemption.uninstall()
-    _close_loader_iterator(data_iter)
-    if writer is not None:
-      writer.close()
-    ckpt.wait()
-    ckpt.close()
+    _close_run(preemption, data_iter, writer, ckpt)
   return state
+
+
+def _training_input(config, source):
+  """The iterator of this process's training batches: `source` (default `load_train_source(config)`), checked
+  against the config first (`check_training_source`), through `pipeline.make_train_loader`."""
+  from mrcnn_jax.data import pipeline
+
+  tc = config.train
+  source = source if source is not None else load_train_source(config)
+  check_training_source(config, source)
+  loader = pipeline.make_train_loader(source, config.input, global_batch_size=tc.batch_size, seed=tc.seed,
+                                      num_workers=tc.num_workers)
+  return iter(loader)
+
+
+def _restore_or_init(config, state: TrainState, replicated, ckpt, data_iter) -> TrainState:
+  """The state the run starts from, on `replicated`: the newest checkpoint's (and `data_iter` moved to the position
+  saved with it), else the fresh `state`, with config.init_from's weights merged in when that is set."""
+  restored = ckpt.restore(target_state=state)
+  if restored is not None:
+    state, data_state, step = restored
+    if data_state is not None:
+      data_iter.set_state(data_state)
+    log.info("resumed from %s at step %d", ckpt.directory, step)
+    if config.init_from:
+      log.info("init_from=%s ignored: the run resumes from its own checkpoint", config.init_from)
+  elif config.init_from:
+    # A fresh run only: the optimizer state stays the fresh one (no momentum), as it does for any fine-tuning.
+    state = jax.device_put(init_from_pretrained(state, config.init_from), replicated)
+  return state
+
+
+def _last_good(ckpt) -> str:
+  """Where an error message sends the user: the last checkpoint saved, which the error leaves intact."""
+  last = ckpt.latest_step()
+  return (f"the last good checkpoint is step {last} in {ckpt.directory} (left intact)" if last is not None
+          else f"no checkpoint was saved yet in {ckpt.directory}")
+
+
+def _log_step(writer, step: int, max_iter: int, metrics: dict, seconds: float, data_seconds: float) -> None:
+  """The console line and the metrics of `step` (`writer` None on processes other than 0, which log nothing).
+  seconds: the mean time per step of this run so far; data_seconds: this step's wait for its batch."""
+  from mrcnn_jax import train_log
+
+  values = {k: float(v) for k, v in metrics.items() if k != "finite"}
+  if writer is not None:
+    log.info(train_log.format_line(step, max_iter, values, seconds_per_iter=seconds, data_seconds=data_seconds))
+    writer.write(step, dict(values, time=seconds, data_time=data_seconds))
+
+
+def _count_nonfinite(metrics: dict, step: int, in_a_row: int, tc, ckpt) -> int:
+  """The number of non-finite steps in a row after `step` (0 when its loss is finite). Raises FloatingPointError
+  naming the step, its losses and the last good checkpoint when the run must stop: at the first non-finite step
+  without train.skip_nonfinite, at train.max_consecutive_nonfinite in a row with it."""
+  if bool(metrics["finite"]):
+    return 0
+  in_a_row += 1
+  losses = {k: float(v) for k, v in metrics.items() if k.startswith("loss") or k == "total_loss"}
+  if not tc.skip_nonfinite:
+    raise FloatingPointError(f"non-finite loss at step {step}: {losses}; {_last_good(ckpt)}")
+  if in_a_row >= tc.max_consecutive_nonfinite:
+    raise FloatingPointError(
+        f"{in_a_row} non-finite steps in a row, the last at step {step} (train.skip_nonfinite skips "
+        f"at most train.max_consecutive_nonfinite = {tc.max_consecutive_nonfinite}): the run diverged; "
+        f"losses {losses}; {_last_good(ckpt)}")
+  log.warning("step %d: non-finite loss %s, update skipped (%d in a row, the run stops at %d)", step, losses,
+              in_a_row, tc.max_consecutive_nonfinite)
+  return in_a_row
+
+
+def _save_checkpoint(ckpt, step: int, state: TrainState, data_iter, config) -> None:
+  """Save `step` (forced: the caller decides when), with the input's position and the config; FloatingPointError
+  instead when the parameters are not finite."""
+  # A finite loss does not make a finite update (a huge learning rate overflows the parameters): a checkpoint
+  # of such parameters would be the "last good" one a resumed run starts from.
+  if not bool(_all_finite((state.params, state.batch_stats))):
+    raise FloatingPointError(f"the parameters are not finite after step {step} (an update overflowed them: "
+                             f"lower train.base_lr, or set train.clip_grad_norm); not saved: {_last_good(ckpt)}")
+  ckpt.save(step, state, data_state=data_iter.get_state(), config=config, force=True)
+
+
+def _close_run(preemption, data_iter, writer, ckpt) -> None:
+  """However the run ends: the previous SIGTERM handler back, the loader's workers stopped, the logs closed, and the
+  last asynchronous save written."""
+  preemption.uninstall()
+  _close_loader_iterator(data_iter)
+  if writer is not None:
+    writer.close()
+  ckpt.wait()
+  ckpt.close()
+
+
+def _log_evaluation(writer, step: int, eval_metrics: dict) -> None:
+  """The finite float metrics of an evaluation at `step`, beside the losses (process 0 only)."""
+  if writer is not None and eval_metrics:
+    writer.write(step, {k: v for k, v in eval_metrics.items() if isinstance(v, float) and math.isfinite(v)})
