@@ -329,20 +329,14 @@ def main(argv):
 def _define_flags():
   """The command line's flags; defined only when run as a program, so that importing this module (the trainer, a
   notebook) adds nothing to absl's global flags."""
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-
   from mrcnn_jax import cli  # pylint: disable=import-outside-toplevel
 
-  config_flags.DEFINE_config_file("config", None, "Config file: configs/FILE.py[:arg]; default: the config saved "
-                                  "with the checkpoint (its model, class names and val set).", lock_config=True)
-  flags.DEFINE_string("checkpoint", None, "A variables checkpoint, a training workdir, its checkpoints/ directory "
-                      "or one step directory (mrcnn_jax.checkpoint.load_inference).")
+  cli.define_checkpoint_flags("the config saved with the checkpoint (its model, class names and val set)")
   flags.DEFINE_string("output_dir", None, "Where the results and metrics.json go; default <workdir>/eval for a "
                       "training checkpoint, <checkpoint>/eval for a variables checkpoint.")
   flags.DEFINE_integer("batch_size", 0, "Images per step over the local devices; 0: one per device.")
   flags.DEFINE_float("keypoint_offset", None, "Subtracted from predicted keypoints; default 0.5 for "
                      "input.resize_mode detectron2, else 0 (use 0 for models trained by mrcnn_jax).")
-  cli.define_debug_flag()
   flags.mark_flags_as_required(["checkpoint"])
 
 

@@ -212,14 +212,10 @@ def predict_files(config, variables, image_paths: Sequence[str], out_dir, *, sco
 def _define_flags():
   """Flags exist only when this module runs as a program, so importing it (as the library does) defines none."""
   from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
   from mrcnn_jax import cli  # pylint: disable=import-outside-toplevel
 
-  config_flags.DEFINE_config_file("config", None, "Config file: configs/FILE.py[:arg]; default: the config saved "
-                                  "with the checkpoint.", lock_config=True)
-  flags.DEFINE_string("checkpoint", None, "Checkpoint directory with the model's variables (converted weights, a "
-                      "training workdir, one of its steps).")
+  cli.define_checkpoint_flags()
   flags.DEFINE_multi_string("images", None, "Image files, directories (their image files) or glob patterns; "
                             "several after one --images, or --images repeated.")
   flags.DEFINE_string("out", None, "Output directory: <stem>.png overlays and predictions.json.")
@@ -227,7 +223,6 @@ def _define_flags():
   flags.DEFINE_integer("batch_size", 1, "Images per model call.")
   flags.DEFINE_bool("strict", False, "Check every image first and stop at the first bad one, before the model "
                     "runs; by default bad images are skipped, listed in predictions.json, and the exit status is 1.")
-  cli.define_debug_flag()
   flags.mark_flags_as_required(["checkpoint", "images", "out"])
 
 
