@@ -276,11 +276,7 @@ def _check_dataset(dataset: dict, path: str) -> None:
 
   image_ids = set()
   for i, image in enumerate(dataset["images"]):
-    if not isinstance(image, dict) or "id" not in image:
-      raise ValueError(f"annotation file {path}: 'images' entry {i} has no 'id'")
-    for field in ("file_name", "height", "width"):
-      if field not in image:
-        raise ValueError(f"annotation file {path}: image id {image['id']} has no {field!r}")
+    _check_entry_fields(image, i, "images", "image", ("file_name", "height", "width"), path)
     if not (_is_int(image["height"]) and _is_int(image["width"]) and image["height"] > 0 and image["width"] > 0):
       raise ValueError(f"annotation file {path}: image id {image['id']} has an invalid size "
                        f"height={image['height']!r} width={image['width']!r}")
@@ -298,11 +294,7 @@ def _check_dataset(dataset: dict, path: str) -> None:
 
   annotation_ids = set()
   for i, ann in enumerate(dataset["annotations"]):
-    if not isinstance(ann, dict) or "id" not in ann:
-      raise ValueError(f"annotation file {path}: 'annotations' entry {i} has no 'id'")
-    for field in ("image_id", "category_id", "bbox"):
-      if field not in ann:
-        raise ValueError(f"annotation file {path}: annotation id {ann['id']} has no {field!r}")
+    _check_entry_fields(ann, i, "annotations", "annotation", ("image_id", "category_id", "bbox"), path)
     if ann["image_id"] not in image_ids:
       raise ValueError(f"annotation file {path}: annotation id {ann['id']} refers to image id {ann['image_id']}, "
                        "which is not in 'images'")
@@ -310,6 +302,16 @@ def _check_dataset(dataset: dict, path: str) -> None:
     if ann["id"] in annotation_ids:
       raise ValueError(f"annotation file {path}: annotation id {ann['id']} appears twice in 'annotations'")
     annotation_ids.add(ann["id"])
+
+
+def _check_entry_fields(entry, index: int, section: str, kind: str, fields: tuple[str, ...], path: str) -> None:
+  """Entry `index` of the file's `section` list must be a dict with an "id" and every one of `fields`; ValueError
+  naming the entry (by `kind` and id, once it has one) otherwise."""
+  if not isinstance(entry, dict) or "id" not in entry:
+    raise ValueError(f"annotation file {path}: {section!r} entry {index} has no 'id'")
+  for field in fields:
+    if field not in entry:
+      raise ValueError(f"annotation file {path}: {kind} id {entry['id']} has no {field!r}")
 
 
 def _resolve_num_keypoints(num_keypoints, categories, path: str) -> int | None:
