@@ -7,6 +7,7 @@ records the signal: Python runs it between two bytecodes of whatever the main th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -18,7 +19,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-class PreemptionHandler:
+class PreemptionHandler(contextlib.AbstractContextManager):
   """Installed by `install_preemption_handler`; `requested` turns True when one of its signals arrives."""
 
   def __init__(self, callback=None, signals=(signal.SIGTERM,)):
@@ -61,9 +62,6 @@ class PreemptionHandler:
     for signum, previous in self._previous.items():
       signal.signal(signum, signal.SIG_DFL if previous is None else previous)
     self._previous = {}
-
-  def __enter__(self):
-    return self
 
   def __exit__(self, *exc):
     self.uninstall()

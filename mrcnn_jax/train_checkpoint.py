@@ -21,6 +21,7 @@ orbax API: `CheckpointManager` with `item_handlers` (StandardCheckpointHandler, 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import pathlib
@@ -106,7 +107,7 @@ def _with_default_shardings(target_state) -> Any:
   return jax.tree.map(leaf, target_state)
 
 
-class TrainCheckpointer:
+class TrainCheckpointer(contextlib.AbstractContextManager):
   """The trainer's checkpoints in `<workdir>/checkpoints`: state pytree, data iterator state and config per step.
 
   Typical use:
@@ -248,9 +249,6 @@ class TrainCheckpointer:
   def close(self) -> None:
     """Wait for pending saves and deletions, then release orbax's threads."""
     self._manager.close()
-
-  def __enter__(self):
-    return self
 
   def __exit__(self, *exc):
     self.close()
