@@ -329,7 +329,7 @@ def test_shapes_config_is_the_base_shrunk_for_a_cpu(in_root):
   # From scratch: statistics are learned and nothing is frozen.
   assert shapes.model.backbone.norm == "BN" and shapes.model.backbone.freeze_at == 0 and not shapes.init_from
   # Every field of the base exists in the shapes config; it only adds dataset.shapes.
-  flat_shapes, flat_base = _flatten(shapes.to_dict()), _flatten(base.to_dict())
+  flat_shapes, flat_base = _flat(shapes), _flat(base)
   assert set(flat_base) < set(flat_shapes)
   assert all(k.startswith("dataset.shapes.") for k in set(flat_shapes) - set(flat_base))
   local = _load("shapes", "runlocal")
@@ -339,12 +339,3 @@ def test_shapes_config_is_the_base_shrunk_for_a_cpu(in_root):
   with pytest.raises(flags.IllegalFlagValueError, match="nosuch"):
     _load("shapes", "nosuch")
 
-
-def _flatten(tree, prefix=""):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
