@@ -121,12 +121,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   model.roi_heads.min_box_size_test = 0.0  # detections narrower or lower are dropped; 0 keeps all
   model.roi_heads.box_weights = (10.0, 10.0, 5.0, 5.0)
   model.roi_heads.fc_dim = 1024
-  model.roi_heads.class_agnostic_bbox_reg = False
-  # The layout of the weights' home framework, for converters and readers: Detectron2 has deltas for the K classes
-  # and the background logit last; torchvision deltas for K + 1 and background first. Inside mrcnn_jax the layout is
-  # always background first with K + 1 deltas: the converters re-order.
-  model.roi_heads.bbox_reg_background = False
-  model.roi_heads.background_last = True
   model.roi_heads.smooth_l1_beta = 0.0
 
   model.pooler = ml_collections.ConfigDict()

@@ -184,8 +184,7 @@ def test_base_carries_detectron2_defaults(in_root):
       "model.roi_heads.score_thresh_test": 0.05, "model.roi_heads.nms_thresh_test": 0.5,
       "model.roi_heads.detections_per_image": 100, "model.roi_heads.min_box_size_test": 0.0,
       "model.roi_heads.box_weights": (10.0, 10.0, 5.0, 5.0), "model.roi_heads.fc_dim": 1024,
-      "model.roi_heads.class_agnostic_bbox_reg": False, "model.roi_heads.bbox_reg_background": False,
-      "model.roi_heads.background_last": True, "model.roi_heads.smooth_l1_beta": 0.0,
+      "model.roi_heads.smooth_l1_beta": 0.0,
       "model.pooler.aligned": True, "model.pooler.sampling_ratio": 0, "model.pooler.canonical_size": 224,
       "model.pooler.canonical_level": 4, "model.pooler.level_convention": "detectron2",
       "model.pooler.box_resolution": 7, "model.pooler.mask_resolution": 14, "model.pooler.keypoint_resolution": 14,
@@ -241,8 +240,7 @@ VARIANTS = {
         "model.backbone.stride_in_1x1": False,
         "model.anchors.convention": "torchvision", "model.rpn.post_nms_topk_train": 2000,
         "model.rpn.min_size": 1e-3, "model.rpn.score_thresh": 0.0, "model.rpn.smooth_l1_beta": 1 / 9,
-        "model.roi_heads.min_box_size_test": 1e-2, "model.roi_heads.bbox_reg_background": True,
-        "model.roi_heads.background_last": False, "model.roi_heads.smooth_l1_beta": 1 / 9,
+        "model.roi_heads.min_box_size_test": 1e-2, "model.roi_heads.smooth_l1_beta": 1 / 9,
         "model.pooler.aligned": False, "model.pooler.sampling_ratio": 2, "model.rpn.sigmoid_scores": True,
         "model.pooler.level_convention": "torchvision", "model.mask_head.paste_mode": "torchvision",
         "input.pixel_format": "RGB", "input.pixel_scale": 1.0, "input.pixel_mean": (0.485, 0.456, 0.406),
@@ -269,7 +267,7 @@ def test_variant_differs_from_its_base_only_where_intended(in_root, name):
 def test_torchvision_configs_carry_torchvision_conventions(in_root, name):
   config = _load(name)
   m, inp = config.model, config.input
-  assert m.label_space == "coco_ids" and not m.roi_heads.background_last and m.roi_heads.bbox_reg_background
+  assert m.label_space == "coco_ids"
   assert not m.backbone.stride_in_1x1 and m.backbone.freeze_at == 2 and m.backbone.norm == "FrozenBN"
   assert m.anchors.convention == "torchvision"
   assert (m.pooler.aligned, m.pooler.sampling_ratio, m.pooler.level_convention) == (False, 2, "torchvision")

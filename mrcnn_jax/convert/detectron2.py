@@ -6,7 +6,8 @@ Two sources, one ResNet layout:
   `roi_heads.box_predictor.cls_score.weight`) -> the whole model's {"params", "batch_stats"}. It fits the model of
   configs/mask_rcnn_R50_FPN_1x.py (R50 or R101 backbone, mask head) or configs/keypoint_rcnn_R50_FPN_1x.py (keypoint
   head, one class). Detectron2 puts the background logit last and has no background box deltas or mask channel;
-  mrcnn_jax keeps background at index 0 of every class axis, so rows move and zeros fill the background slots.
+  mrcnn_jax keeps background at index 0 of every class axis, so rows move and zeros fill the background slots (the
+  layout is read from the arrays' shapes; a class-agnostic box regressor has no counterpart and is refused).
 - `convert_msra_backbone`: the ImageNet classifiers Detectron2 starts from (R-50.pkl, R-101.pkl: Caffe2 names such
   as `res2_0_branch2a_w`, AffineChannel instead of batch norm) -> the `backbone` subtree only; the heads are
   initialized fresh when fine-tuning.
