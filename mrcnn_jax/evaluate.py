@@ -51,6 +51,7 @@ from jax.sharding import PartitionSpec as P
 
 from mrcnn_jax import atomic
 from mrcnn_jax.coco_eval import format_table, ground_truth, iou_types, score_coco
+from mrcnn_jax.data.examples import keypoint_coordinate_offset
 from mrcnn_jax.mesh import make_mesh
 from mrcnn_jax.predictor import Predictor, to_coco_results
 
@@ -77,7 +78,8 @@ def run_inference(predictor: Predictor, batches: Iterable[dict], *, category_ids
     predictor: runs the model (`infer_batch`) and maps one image's detections to original pixels (`postprocess`).
     batches: dicts as `data.pipeline.make_eval_batches` yields them: image (B, Hc, Wc, 3) float32, image_info (B, 6)
       float32, image_id (B,) int, valid (B,) bool (slots past the data's end are False and dropped).
-    category_ids, keypoint_offset: passed to `predictor.to_coco_results`.
+    category_ids, keypoint_offset: passed to `predictor.to_coco_results` (`evaluate` passes the config's keypoint
+      offset, `examples.keypoint_coordinate_offset`).
     batch_sharding: where image and image_info go before the model runs (e.g. NamedSharding(mesh, P("data"))); None
       leaves them to jit (the default device).
 
@@ -166,12 +168,6 @@ def _json_metrics(metrics: dict[str, float]) -> dict:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def default_keypoint_offset(config) -> float:
-  """0.5 for Detectron2's conventions (its weights predict keypoints with pixel centres at +0.5), 0 for torchvision's
-  (see `predictor.to_coco_results`)."""
-  return 0.5 if config.input.resize_mode == "detectron2" else 0.0
-
-
 def evaluate(config, variables, source, output_dir, *, batch_size: int | None = None, infer_fn=None,
              keypoint_offset: float | None = None, devices=None) -> dict[str, float]:
   """Run the model over every image of `source`, write the COCO results, score them; returns the metrics.
@@ -186,8 +182,8 @@ def evaluate(config, variables, source, output_dir, *, batch_size: int | None = 
     output_dir: where RESULTS_FILE and METRICS_FILE go (created); None writes nothing.
     batch_size: images per device step, a multiple of the number of devices; default one image per device.
     infer_fn: passed to the Predictor (default `build_infer(config)`).
-    keypoint_offset: subtracted from predicted keypoints (`to_coco_results`); default `default_keypoint_offset`.
-      A model trained by this library on COCO's annotation coordinates needs 0.
+    keypoint_offset: subtracted from predicted keypoints (`to_coco_results`); default the config's
+      model.keypoint_head.coordinate_offset (`examples.keypoint_coordinate_offset`), the offset its training added.
     devices: the devices the batch is sharded over; default this process's local devices. Evaluation does not
       split the set across processes: in a multi-process run, call it from one process, with host (or fully
       addressable) variables.
@@ -200,7 +196,7 @@ def evaluate(config, variables, source, output_dir, *, batch_size: int | None = 
   batch_size = len(devices) if batch_size is None else int(batch_size)
   if batch_size < 1 or batch_size % len(devices):
     raise ValueError(f"batch_size {batch_size} must be a positive multiple of the number of devices {len(devices)}")
-  keypoint_offset = default_keypoint_offset(config) if keypoint_offset is None else float(keypoint_offset)
+  keypoint_offset = keypoint_coordinate_offset(config) if keypoint_offset is None else float(keypoint_offset)
   coco_gt = ground_truth(source)
   types = iou_types(config)
   if "segm" in types and any("segmentation" not in a for a in coco_gt.dataset["annotations"]):
@@ -335,8 +331,8 @@ def _define_flags():
   flags.DEFINE_string("output_dir", None, "Where the results and metrics.json go; default <workdir>/eval for a "
                       "training checkpoint, <checkpoint>/eval for a variables checkpoint.")
   flags.DEFINE_integer("batch_size", 0, "Images per step over the local devices; 0: one per device.")
-  flags.DEFINE_float("keypoint_offset", None, "Subtracted from predicted keypoints; default 0.5 for "
-                     "input.resize_mode detectron2, else 0 (use 0 for models trained by mrcnn_jax).")
+  flags.DEFINE_float("keypoint_offset", None, "Subtracted from predicted keypoints' x and y; default the config's "
+                     "model.keypoint_head.coordinate_offset (0.5 in Detectron2's convention, 0 in torchvision's).")
   flags.mark_flags_as_required(["checkpoint"])
 
 

@@ -210,14 +210,16 @@ def train(config, workdir, *, source=None, stop_after: int | None = None, evalua
 
 def _training_input(config, source):
   """The iterator of this process's training batches: `source` (default `load_train_source(config)`), checked
-  against the config first (`check_training_source`), through `pipeline.make_train_loader`."""
-  from mrcnn_jax.data import pipeline
+  against the config first (`check_training_source`), through `pipeline.make_train_loader`, its keypoints in the
+  model's coordinate convention (`examples.keypoint_coordinate_offset`)."""
+  from mrcnn_jax.data import examples, pipeline
 
   tc = config.train
   source = source if source is not None else load_train_source(config)
   check_training_source(config, source)
   loader = pipeline.make_train_loader(source, config.input, global_batch_size=tc.batch_size, seed=tc.seed,
-                                      num_workers=tc.num_workers)
+                                      num_workers=tc.num_workers,
+                                      keypoint_offset=examples.keypoint_coordinate_offset(config))
   return iter(loader)
 
 

@@ -192,7 +192,8 @@ def test_base_carries_detectron2_defaults(in_root):
       "model.mask_head.paste_mode": "detectron2", "model.mask_head.mask_threshold": 0.5,
       "model.keypoint_head.enabled": False, "model.keypoint_head.num_keypoints": 17,
       "model.keypoint_head.num_convs": 8, "model.keypoint_head.conv_dim": 512,
-      "model.keypoint_head.min_visible_per_image": 1, "model.compute_dtype": "float32",
+      "model.keypoint_head.min_visible_per_image": 1, "model.keypoint_head.coordinate_offset": 0.5,
+      "model.compute_dtype": "float32",
       "train.skip_nonfinite": False, "train.max_consecutive_nonfinite": 10,
       "input.pixel_format": "BGR", "input.pixel_scale": 255.0, "input.pixel_mean": (103.53, 116.28, 123.675),
       "input.pixel_std": (1.0, 1.0, 1.0), "input.resize_mode": "detectron2",
@@ -243,6 +244,7 @@ VARIANTS = {
         "model.roi_heads.min_box_size_test": 1e-2, "model.roi_heads.smooth_l1_beta": 1 / 9,
         "model.pooler.aligned": False, "model.pooler.sampling_ratio": 2, "model.rpn.sigmoid_scores": True,
         "model.pooler.level_convention": "torchvision", "model.mask_head.paste_mode": "torchvision",
+        "model.keypoint_head.coordinate_offset": 0.0,
         "input.pixel_format": "RGB", "input.pixel_scale": 1.0, "input.pixel_mean": (0.485, 0.456, 0.406),
         "input.pixel_std": (0.229, 0.224, 0.225), "input.resize_mode": "torchvision", "input.min_size_train": (800,),
         "train.weight_decay_norm": 1e-4, "train.weight_decay_bias": 1e-4, "train.max_iter": 26 * TV_EPOCH,
@@ -267,7 +269,7 @@ def test_variant_differs_from_its_base_only_where_intended(in_root, name):
 def test_torchvision_configs_carry_torchvision_conventions(in_root, name):
   config = _load(name)
   m, inp = config.model, config.input
-  assert m.label_space == "coco_ids"
+  assert m.label_space == "coco_ids" and m.keypoint_head.coordinate_offset == 0.0  # keypoints as COCO has them
   assert not m.backbone.stride_in_1x1 and m.backbone.freeze_at == 2 and m.backbone.norm == "FrozenBN"
   assert m.anchors.convention == "torchvision"
   assert (m.pooler.aligned, m.pooler.sampling_ratio, m.pooler.level_convention) == (False, 2, "torchvision")

@@ -366,6 +366,31 @@ def test_images_without_an_inference_pass_are_named(five_gt, boxes_gt, tmp_path)
     evaluate.evaluate(_fake_config(), {}, skipping, None, infer_fn=_fixed_infer())
 
 
+
+@pytest.mark.parametrize("offset, explicit, subtracted", [(0.5, None, 0.5), (0.0, None, 0.0), (0.0, 0.25, 0.25)])
+def test_predicted_keypoints_lose_the_configs_coordinate_offset(five_gt, tmp_path, monkeypatch, offset, explicit,
+                                                                 subtracted):
+  """The COCO results hold the predicted keypoints minus model.keypoint_head.coordinate_offset (0.5 in Detectron2's
+  configs, 0 in torchvision's; input.resize_mode is "detectron2" in both cases here, and says nothing), or minus an
+  explicit keypoint_offset. The images are 64 x 64 at scale 1, so original pixels are canvas pixels."""
+  config = _fake_config()
+  config.model.keypoint_head = ml_collections.ConfigDict({"enabled": True, "coordinate_offset": offset})
+  scored = []
+  monkeypatch.setattr(evaluate, "score_coco", lambda coco_gt, results, image_ids, **kw: scored.append(results) or {})
+  boxes_only = _fixed_infer()
+  points = np.float32([[10.0, 20.0, 0.9], [30.5, 40.0, 0.8]])  # (x, y, score) of each detection's 2 keypoints
+
+  def infer(variables, images, image_info):
+    out = boxes_only(variables, images, image_info)
+    b, n = out["scores"].shape
+    return dict(out, keypoints=jnp.broadcast_to(jnp.asarray(points), (b, n, 2, 3)))
+
+  source = BlankImages(coco.load_coco(five_gt, tmp_path, train=False))
+  evaluate.evaluate(config, {}, source, None, infer_fn=infer, keypoint_offset=explicit)
+  (results,) = scored
+  assert results and all(r["keypoints"] == pytest.approx(
+      [10.0 - subtracted, 20.0 - subtracted, 0.9, 30.5 - subtracted, 40.0 - subtracted, 0.8]) for r in results)
+
 class _RecordingPredictor:
   """Stands in for the Predictor in `run_inference`: one detection per image, and host work that waits (up to
   10 s) for the next batch to be dispatched, recording whether it was."""

@@ -5,8 +5,8 @@
 
 The transform resizes and normalizes the image as the config's resize_mode says (`data.transforms`), pads it to its
 canvas, and maps the ground truth along: boxes scaled (and flipped), masks cropped to their boxes at the original
-resolution, keypoints scaled, flipped with the flip map, unlabeled outside the image. Batching, shuffling and the
-devices are `data.pipeline`'s.
+resolution, keypoints moved by the model's coordinate offset (`keypoint_coordinate_offset`), scaled, flipped with the
+flip map, unlabeled outside the image. Batching, shuffling and the devices are `data.pipeline`'s.
 
 Training examples (`train_example`), all numpy, G = input_cfg.max_instances, M = input_cfg.gt_mask_size, K keypoints:
   image (Hc, Wc, 3) float32       the normalized resized (and maybe flipped) image at the top left of its canvas,
@@ -17,7 +17,8 @@ Training examples (`train_example`), all numpy, G = input_cfg.max_instances, M =
   gt_valid (G,) bool              which slots hold an instance
   gt_is_crowd (G,) bool           crowd instances (kept for matching to ignore, never as targets)
   gt_masks (G, M, M) uint8        each instance's mask cropped to its own box, 0..255 coverage (DESIGN.md)
-  gt_keypoints (G, K, 3) float32  (x, y, visibility) in resized-image pixels; x = y = 0 where visibility is 0
+  gt_keypoints (G, K, 3) float32  (x, y, visibility) in resized-image pixels, the annotation's x and y plus the
+                                  keypoint offset before resizing; x = y = 0 where visibility is 0
   image_id () int64, num_dropped () int32 (instances beyond G left out)
 and the training loader adds num_skipped () int32 (unreadable images replaced to make this example). Batches stack
 these along a new leading axis B.
@@ -103,7 +104,7 @@ def check_train_image(record: ImageRecord, image) -> np.ndarray:
 
 
 def transform_train_example(record: ImageRecord, image, input_cfg, *, short_side: int, flip: bool,
-                            canvas_hw: Sequence[int] | None = None) -> dict:
+                            canvas_hw: Sequence[int] | None = None, keypoint_offset: float = 0.0) -> dict:
   """`train_example` with its two random choices given: the target short side and whether to flip.
 
   Resizes (shortest edge `short_side`, longest at most input_cfg.max_size_train, sizes by `transforms.output_size`
@@ -115,6 +116,9 @@ def transform_train_example(record: ImageRecord, image, input_cfg, *, short_side
   so that region is the one inside the resized box, and cropping before resizing spares a second resampling of a
   binary mask and the resize of full-image bitmaps. A flip of the image flips each crop left to right (RoIAlign's
   sampling is symmetric about the box centre).
+
+  keypoint_offset: added to the x and y of the labeled keypoints, in original pixels, before anything else
+  (`keypoint_coordinate_offset`: 0.5 for Detectron2's convention, 0 for torchvision's, the annotations as they are).
   """
   image = check_train_image(record, image)
   height, width = image.shape[:2]
@@ -133,7 +137,7 @@ def transform_train_example(record: ImageRecord, image, input_cfg, *, short_side
   is_crowd = np.asarray(record.is_crowd, bool).reshape(-1)
   keep = select_instances(boxes, is_crowd, num_slots)
   crops = _crop_masks(record, keep, int(input_cfg.gt_mask_size))
-  keypoints = _transform_keypoints(record, keep, input_cfg, scale_hw, (new_h, new_w), flip)
+  keypoints = _transform_keypoints(record, keep, input_cfg, keypoint_offset, scale_hw, (new_h, new_w), flip)
   return {
       "image": canvas,
       "image_info": np.array([new_h, new_w, *scale_hw, height, width], np.float32),
@@ -158,11 +162,11 @@ def _transform_boxes(boxes: np.ndarray, scale_hw: tuple[float, float], resized_w
   return out
 
 
-def _transform_keypoints(record: ImageRecord, keep: np.ndarray, input_cfg, scale_hw: tuple[float, float],
-                         resized_hw: tuple[int, int], flip: bool) -> np.ndarray:
-  """(len(keep), K, 3) float64 keypoints of the kept instances: (x, y) in resized pixels, flipped with the config's
-  keypoint_flip_map when `flip`; visibility 0 outside the resized image; unlabeled ones at (0, 0, 0). Zeros when the
-  record has no keypoints. Raises ValueError naming the image when its keypoints are not (n, K, 3)."""
+def _transform_keypoints(record: ImageRecord, keep: np.ndarray, input_cfg, offset: float,
+                         scale_hw: tuple[float, float], resized_hw: tuple[int, int], flip: bool) -> np.ndarray:
+  """(len(keep), K, 3) float64 keypoints of the kept instances: (x, y) + offset in resized pixels, flipped with the
+  config's keypoint_flip_map when `flip`; visibility 0 outside the resized image; unlabeled ones at (0, 0, 0). Zeros
+  when the record has no keypoints. Raises ValueError naming the image when its keypoints are not (n, K, 3)."""
   num_kp = _num_keypoints(input_cfg)
   if record.keypoints is None or not len(keep):
     return np.zeros((len(keep), num_kp, 3))
@@ -172,6 +176,8 @@ def _transform_keypoints(record: ImageRecord, keep: np.ndarray, input_cfg, scale
                      f"expected (n, {num_kp}, 3) (input_cfg.num_keypoints)")
   (scale_h, scale_w), (new_h, new_w) = scale_hw, resized_hw
   kp = kp[keep].copy()
+  # The annotations' pixel indices in the model's coordinates (Detectron2's load_coco_json adds 0.5), as loaded.
+  kp[kp[..., 2] > 0, :2] += offset
   kp[..., 0] *= scale_w
   kp[..., 1] *= scale_h
   # Detectron2's `transform_keypoint_annotations`: a keypoint outside the image is unlabeled.
@@ -193,7 +199,7 @@ def _in_slots(values: np.ndarray, num_slots: int, dtype) -> np.ndarray:
 
 
 def train_example(record: ImageRecord, image, input_cfg, rng: np.random.Generator,
-                  canvas_hw: Sequence[int] | None = None) -> dict:
+                  canvas_hw: Sequence[int] | None = None, *, keypoint_offset: float = 0.0) -> dict:
   """One training example: random short side and horizontal flip, then `transform_train_example`.
 
   record: the image's annotations (original pixels). image: (H, W, 3) uint8 RGB (or float in [0, 1]) of size
@@ -201,6 +207,7 @@ def train_example(record: ImageRecord, image, input_cfg, rng: np.random.Generato
   input_cfg: config.input (resize_mode, min_size_train, max_size_train, canvases, max_instances, gt_mask_size,
     keypoint_flip_map, pixel_format/scale/mean/std; optional num_keypoints, default 17).
   canvas_hw: the canvas to pad to; default the image's `transforms.train_canvas`.
+  keypoint_offset: added to the labeled keypoints' x and y (`keypoint_coordinate_offset` of the config).
   rng: draws, in this order, the short side (uniformly from min_size_train, Detectron2's "choice" style) and the
     flip (probability 0.5).
   Returns the example dict of the module docstring; the instances beyond G (the smallest, crowd ones first, see
@@ -209,7 +216,21 @@ def train_example(record: ImageRecord, image, input_cfg, rng: np.random.Generato
   sizes = np.atleast_1d(np.asarray(input_cfg.min_size_train, np.int64))
   short_side = int(sizes[rng.integers(len(sizes))])
   flip = bool(rng.random() < 0.5)
-  return transform_train_example(record, image, input_cfg, short_side=short_side, flip=flip, canvas_hw=canvas_hw)
+  return transform_train_example(record, image, input_cfg, short_side=short_side, flip=flip, canvas_hw=canvas_hw,
+                                 keypoint_offset=keypoint_offset)
+
+
+def keypoint_coordinate_offset(config) -> float:
+  """The keypoint coordinate convention of `config`'s model (model.keypoint_head.coordinate_offset, see the base
+  config): what training adds to the annotated keypoints, and evaluation subtracts from the predicted ones.
+
+  A config saved before the field existed gets what evaluation used then: 0.5 for input.resize_mode "detectron2",
+  else 0, so that its checkpoints still evaluate as they did.
+  """
+  offset = config.model.keypoint_head.get("coordinate_offset")
+  if offset is None:
+    return 0.5 if config.input.resize_mode == "detectron2" else 0.0
+  return float(offset)
 
 
 def eval_example(record: ImageRecord, image, input_cfg, canvas_hw: Sequence[int] | None = None) -> dict:

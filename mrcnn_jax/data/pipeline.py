@@ -169,7 +169,7 @@ class TrainBatchTransform(grain.MapTransform):
   """
 
   def __init__(self, source, input_cfg, plan: BatchPlan, canvas_list, canvas_index, seed: int, shard_index: int,
-               shard_count: int):
+               shard_count: int, keypoint_offset: float = 0.0):
     self._source = source
     self._records = source.records
     self._input_cfg = input_cfg
@@ -178,6 +178,7 @@ class TrainBatchTransform(grain.MapTransform):
     self._canvas_index = np.asarray(canvas_index, np.int32)
     self._seed = int(seed)
     self._shard_index, self._shard_count = int(shard_index), int(shard_count)
+    self._keypoint_offset = float(keypoint_offset)
 
   def _example(self, index: int, epoch: int, canvas: int) -> dict:
     skipped = []
@@ -195,7 +196,8 @@ class TrainBatchTransform(grain.MapTransform):
                              f"{skipped[-1]}); is the image directory right?") from e
         index = self._next_on_canvas(index, canvas)
     rng = np.random.default_rng([self._seed, index, epoch])
-    example = train_example(record, image, self._input_cfg, rng, self._canvases[canvas])
+    example = train_example(record, image, self._input_cfg, rng, self._canvases[canvas],
+                            keypoint_offset=self._keypoint_offset)
     example["num_skipped"] = np.asarray(len(skipped), np.int32)
     return example
 
@@ -234,8 +236,8 @@ def _default_grain_profiling_flag() -> None:
 
 
 def make_train_loader(source, input_cfg, *, global_batch_size: int, seed: int, num_workers: int = 2,
-                      shard_options: grain.ShardOptions | None = None,
-                      worker_buffer_size: int = 2) -> grain.DataLoader:
+                      shard_options: grain.ShardOptions | None = None, worker_buffer_size: int = 2,
+                      keypoint_offset: float = 0.0) -> grain.DataLoader:
   """The training input: an infinite, shuffled, canvas-grouped, process-sharded grain DataLoader of fixed-shape
   batches.
 
@@ -250,6 +252,7 @@ def make_train_loader(source, input_cfg, *, global_batch_size: int, seed: int, n
   shard_options: grain.ShardOptions(shard_index, shard_count) (tests, custom layouts); default one shard per JAX
     process. Shard s takes slots [s * B_local, (s + 1) * B_local) of every global batch.
   worker_buffer_size: batches each worker prepares ahead.
+  keypoint_offset: added to the labeled keypoints' x and y (`examples.keypoint_coordinate_offset` of the config).
 
   Returns the loader. `it = iter(loader)` yields dicts of numpy arrays, each field of `examples.train_example`
   stacked to (B_local, ...), all images of a batch on one canvas, plus num_skipped (B_local,) int32;
@@ -273,7 +276,7 @@ def make_train_loader(source, input_cfg, *, global_batch_size: int, seed: int, n
   if num_workers:
     _default_grain_profiling_flag()
   transform = TrainBatchTransform(source, input_cfg, plan, canvas_list, canvas_index, int(seed),
-                                  shard_options.shard_index, shard_count)
+                                  shard_options.shard_index, shard_count, keypoint_offset)
   return grain.DataLoader(
       data_source=_BatchIndices(source.records, canvas_index, global_batch_size, int(seed)),
       sampler=_Sequential(),

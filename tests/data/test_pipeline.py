@@ -170,6 +170,41 @@ def test_keypoints_scaled_flipped_and_swapped_by_the_flip_map():
   np.testing.assert_array_equal(flipped["gt_keypoints"][2:], 0)
 
 
+
+@pytest.mark.parametrize("config_name, offset", [("keypoint_rcnn_R50_FPN_1x", 0.5),
+                                                 ("torchvision_keypointrcnn_r50_fpn", 0.0)])
+def test_training_keypoints_carry_the_configs_coordinate_offset(config_name, offset):
+  """The trainer's input (`train._training_input`, the loader it builds from the config) adds
+  model.keypoint_head.coordinate_offset to the annotated x and y before resizing: Detectron2's load_coco_json
+  adds 0.5 to COCO's pixel indices, torchvision keeps them. Nose (20, 30) and left eye (49, 99), the image's last
+  pixel, in a 100 x 50 image resized by 1.28; a flip mirrors x in the 64 px wide image and swaps the eyes."""
+  from mrcnn_jax import train  # pylint: disable=import-outside-toplevel
+
+  config = load_config(config_name)
+  config.input.update(dict(min_size_train=(64,), max_size_train=128, canvases=((128, 128),), max_instances=4))
+  config.train.update(dict(batch_size=1, num_workers=0))
+  keypoints = np.zeros((1, 17, 3), np.float32)
+  keypoints[0, 0] = (20, 30, 2)
+  keypoints[0, 1] = (49, 99, 1)
+  record = _record(3, TALL_HW, [TALL_BOX], keypoints=keypoints)
+  source = FakeSource([record], {record.file_name: np.zeros(TALL_HW + (3,), np.uint8)})
+  batches = train._training_input(config, source)
+  seen = set()
+  for _ in range(6):  # the loader's own draws decide each flip: see both
+    batch = next(batches)
+    kp, box = batch["gt_keypoints"][0, 0], batch["gt_boxes"][0, 0]
+    flipped = not np.allclose(box, [12.8, 25.6, 53.76, 87.04], atol=1e-4)
+    seen.add(flipped)
+    nose = ((20 + offset) * 1.28, (30 + offset) * 1.28)
+    eye = ((49 + offset) * 1.28, (99 + offset) * 1.28)  # 63.36, 127.36 with 0.5: inside the 64 x 128 image
+    if flipped:
+      expected = {0: (64 - nose[0], nose[1], 2), 2: (64 - eye[0], eye[1], 1)}  # the left eye is now the right one
+    else:
+      expected = {0: (nose[0], nose[1], 2), 1: (eye[0], eye[1], 1)}
+    for j in range(17):
+      np.testing.assert_allclose(kp[j], expected.get(j, (0, 0, 0)), rtol=0, atol=1e-4, err_msg=f"{flipped} {j}")
+  assert seen == {False, True}
+
 def test_keeps_the_largest_instances_crowd_last_and_counts_the_dropped():
   hw = (100, 100)
   # Areas: 100, 400 (crowd), 900, 49, 196.
