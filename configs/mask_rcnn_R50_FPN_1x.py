@@ -123,12 +123,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   model.roi_heads.min_box_size_test = 0.0  # detections narrower or lower are dropped; 0 keeps all
   model.roi_heads.box_weights = (10.0, 10.0, 5.0, 5.0)
   model.roi_heads.fc_dim = 1024
-  model.roi_heads.class_agnostic_bbox_reg = False
-  # The layout of the weights' home framework, for converters and readers: Detectron2 has deltas for the K classes
-  # and the background logit last; torchvision deltas for K + 1 and background first. Inside mrcnn_jax the layout is
-  # always background first with K + 1 deltas: the converters re-order.
-  model.roi_heads.bbox_reg_background = False
-  model.roi_heads.background_last = True
   model.roi_heads.smooth_l1_beta = 0.0
 
   model.pooler = ml_collections.ConfigDict()
@@ -161,6 +155,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # With the keypoint head on, training images whose instances have fewer visible keypoints (visibility > 0) than
   # this in all are skipped (Detectron2's MIN_KEYPOINTS_PER_IMAGE; torchvision's reference uses 10); 0 keeps all.
   model.keypoint_head.min_visible_per_image = 1
+  # Where keypoint coordinates put a pixel's centre. COCO's keypoint annotations are integer pixel indices;
+  # Detectron2's load_coco_json adds 0.5 to every keypoint x and y as it loads them (pixel centres at +0.5, as box
+  # coordinates have them) and its instances_to_coco_json subtracts it when it writes results; torchvision uses the
+  # annotations as they are (0.0). Training adds it to the x and y of each example's labeled keypoints
+  # (data/examples.py) and evaluation subtracts it from the predicted ones (predictor.to_coco_results), so that a
+  # model trained here follows the convention of its config's framework exactly, as that framework's weights do.
+  model.keypoint_head.coordinate_offset = 0.5
 
   # --- input: decoding, resizing, normalizing and padding (host side) -----------------------------------------------
   config.input = inp = ml_collections.ConfigDict()

@@ -11,6 +11,7 @@ detections as torchvision itself:
   drops boxes under 1e-3;
 - RoIAlign: not aligned, sampling ratio 2, torchvision's level mapper; detections under 1e-2 dropped;
 - losses: smooth L1 with beta 1/9; 2000 proposals per training image (torchvision's rpn_post_nms_top_n_train);
+- keypoints (Keypoint R-CNN, which builds on this config): coordinates as COCO annotates them, no 0.5 offset;
 - schedule: torchvision's detection recipe (26 epochs, decay at 16 and 22), as iterations.
 
 Evaluate torchvision's weights (maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth):
@@ -61,13 +62,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   model.rpn.sigmoid_scores = True
   model.rpn.smooth_l1_beta = 1.0 / 9.0
   model.roi_heads.min_box_size_test = 1e-2
-  model.roi_heads.bbox_reg_background = True
-  model.roi_heads.background_last = False
   model.roi_heads.smooth_l1_beta = 1.0 / 9.0
   model.pooler.aligned = False
   model.pooler.sampling_ratio = 2
   model.pooler.level_convention = "torchvision"
   model.mask_head.paste_mode = "torchvision"
+  model.keypoint_head.coordinate_offset = 0.0  # keypoints as COCO annotates them (Keypoint R-CNN inherits it)
 
   inp = config.input
   inp.pixel_format = "RGB"

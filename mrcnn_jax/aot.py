@@ -212,13 +212,13 @@ def abstract_state(config, mesh):
 
 
 def abstract_train_batch(config, mesh, canvas_hw, global_batch: int) -> dict:
-  """The arrays `data.pipeline.train_example` gives, stacked to (global_batch, ...) and sharded over the mesh's first
+  """The arrays `data.examples` gives, stacked to (global_batch, ...) and sharded over the mesh's first
   axis, as the trainer passes them (image_id is int32 without x64)."""
-  from mrcnn_jax.data import pipeline
+  from mrcnn_jax.data import examples
 
   inp = config.input
   b, (h, w), g, m = global_batch, canvas_hw, int(inp.max_instances), int(inp.gt_mask_size)
-  k = pipeline._num_keypoints(inp)  # pylint: disable=protected-access
+  k = examples.num_keypoints(inp)
   shapes = {
       "image": ((b, h, w, 3), jnp.float32),
       "image_info": ((b, 6), jnp.float32),

@@ -28,6 +28,20 @@ def define_debug_flag(flag_values=flags.FLAGS) -> None:
                     f"{DEBUG_ENV}=1).", flag_values=flag_values)
 
 
+def define_checkpoint_flags(config_default: str = "the config saved with the checkpoint") -> None:
+  """The flags of the commands that run a checkpoint (evaluate, predict, export): --config, optional (checked
+  against the checkpoint's own by `config_for_checkpoint`; `config_default` says what stands in for it), --checkpoint
+  and --debug."""
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  config_flags.DEFINE_config_file("config", None, f"Config file: configs/FILE.py[:arg]; default: {config_default}.",
+                                  lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "A variables checkpoint (converted weights, an export), a training "
+                      "workdir, its checkpoints/ directory or one step directory "
+                      "(mrcnn_jax.checkpoint.load_inference).")
+  define_debug_flag()
+
+
 def debug_enabled() -> bool:
   """--debug was given, or MRCNN_JAX_DEBUG is set to 1 (or true, yes)."""
   if os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes"):

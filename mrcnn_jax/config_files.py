@@ -1,4 +1,4 @@
-"""Loading `ml_collections` config files by path: `configs/FILE.py` or `configs/FILE.py:arg`.
+"""Loading `ml_collections` config files by path (`configs/FILE.py` or `configs/FILE.py:arg`); a config as JSON.
 
 The entry points read configs through `ml_collections.config_flags`, which loads the file by path; scripts, tests and
 notebooks use `load_config` here to get the same object. A config variant loads its base with `load_sibling`, so it
@@ -8,6 +8,7 @@ works however the file itself was loaded (by path or as `configs.FILE`).
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 import types
 
@@ -41,3 +42,12 @@ def load_config(spec: str, *, search_root: str | pathlib.Path | None = None):
     raise FileNotFoundError(f"no such config file: {path}")
   module = _load_module(file)
   return module.get_config(arg) if sep else module.get_config()
+
+
+def config_json(config) -> str:
+  """A ConfigDict (or a plain mapping) as JSON text; values JSON cannot hold are written as their best effort."""
+  if hasattr(config, "to_json_best_effort"):
+    return config.to_json_best_effort(indent=2)
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  return json.dumps(config, indent=2, default=repr)

@@ -287,18 +287,14 @@ def load_exported(path) -> ExportedInference:
 def _define_flags():
   """Flags exist only when this module runs as a program, so importing it (beside other entry points) defines none."""
   from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
   from mrcnn_jax import cli  # pylint: disable=import-outside-toplevel
 
-  config_flags.DEFINE_config_file("config", None, "Config file: configs/FILE.py[:arg]; default: the config saved "
-                                  "with the checkpoint.", lock_config=True)
-  flags.DEFINE_string("checkpoint", None, "Variables checkpoint directory (mrcnn_jax.checkpoint).")
+  cli.define_checkpoint_flags()
   flags.DEFINE_string("out", None, "Export directory to write.")
   flags.DEFINE_integer("batch_size", 1, "Images per call of the exported program (static).")
   flags.DEFINE_list("platforms", ["cpu"], "Platforms to lower for: any of cpu, cuda, rocm, tpu.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
-  cli.define_debug_flag()
   flags.mark_flags_as_required(["checkpoint", "out"])
 
 

@@ -154,7 +154,7 @@ def run(config, workdir) -> dict | None:
   """
   import jax  # pylint: disable=import-outside-toplevel
 
-  from mrcnn_jax import config_from_data, evaluate, train  # pylint: disable=import-outside-toplevel
+  from mrcnn_jax import coco_eval, config_from_data, evaluate, train  # pylint: disable=import-outside-toplevel
 
   workdir = pathlib.Path(workdir)
   if config.dataset.name == "shapes":
@@ -178,7 +178,7 @@ def run(config, workdir) -> dict | None:
     return None
   variables = jax.device_get(_variables(state))
   metrics = evaluate.evaluate(config, variables, val_source, workdir / EVAL_DIR)
-  table = evaluate.format_table(metrics)
+  table = coco_eval.format_table(metrics)
   if jax.process_index() == 0:
     print(f"COCO evaluation of {len(val_source.records)} held-out images (step {int(state.step)}):\n{table}",
           flush=True)

@@ -91,11 +91,11 @@ def _resized_size_error(input_cfg, height: int, width: int) -> str | None:
 
 
 def check_image_file(path: str, input_cfg) -> tuple[int, int]:
-  """Decode the image file (`coco.read_image`, the decoder of training and evaluation) and check that it fits the
+  """Decode the image file (`images.read_image`, the decoder of training and evaluation) and check that it fits the
   config's canvas once resized; returns its (height, width). Raises FileNotFoundError / ValueError naming it."""
-  from mrcnn_jax.data import coco  # pylint: disable=import-outside-toplevel
+  from mrcnn_jax.data.images import read_image  # pylint: disable=import-outside-toplevel
 
-  height, width = coco.read_image(path).shape[:2]
+  height, width = read_image(path).shape[:2]
   problem = _resized_size_error(input_cfg, height, width)
   if problem:
     raise ValueError(f"image file {path}: {problem}")
@@ -139,7 +139,7 @@ def predict_files(config, variables, image_paths: Sequence[str], out_dir, *, sco
     config: the ml_collections config (`input`, `model`; `dataset` for class names).
     variables: the model's variables, or a function returning them, called once the images are checked (so that
       bad files are known before a large checkpoint loads).
-    image_paths: image files (any format `coco.read_image` reads); their stems must differ, since they name the
+    image_paths: image files (any format `images.read_image` reads); their stems must differ, since they name the
       overlays.
     out_dir: created if missing; existing files of the same names are replaced (each atomically).
     score_threshold: detections scoring below it are neither drawn nor written.
@@ -158,7 +158,7 @@ def predict_files(config, variables, image_paths: Sequence[str], out_dir, *, sco
   Raises ValueError when no image at all can be read (nothing is written then).
   """
   from mrcnn_jax import visualize  # pylint: disable=import-outside-toplevel
-  from mrcnn_jax.data import coco  # pylint: disable=import-outside-toplevel
+  from mrcnn_jax.data.images import read_image  # pylint: disable=import-outside-toplevel
 
   image_paths = [os.fspath(p) for p in image_paths]
   check_overlay_names(image_paths)
@@ -188,7 +188,7 @@ def predict_files(config, variables, image_paths: Sequence[str], out_dir, *, sco
     paths, images = [], []
     for path in good[start:start + predictor.batch_size]:
       try:  # checked above, but a file can change in between
-        images.append(coco.read_image(path, sizes[path]))
+        images.append(read_image(path, sizes[path]))
         paths.append(path)
       except _IMAGE_ERRORS as e:
         skip(path, e)
@@ -212,14 +212,10 @@ def predict_files(config, variables, image_paths: Sequence[str], out_dir, *, sco
 def _define_flags():
   """Flags exist only when this module runs as a program, so importing it (as the library does) defines none."""
   from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
   from mrcnn_jax import cli  # pylint: disable=import-outside-toplevel
 
-  config_flags.DEFINE_config_file("config", None, "Config file: configs/FILE.py[:arg]; default: the config saved "
-                                  "with the checkpoint.", lock_config=True)
-  flags.DEFINE_string("checkpoint", None, "Checkpoint directory with the model's variables (converted weights, a "
-                      "training workdir, one of its steps).")
+  cli.define_checkpoint_flags()
   flags.DEFINE_multi_string("images", None, "Image files, directories (their image files) or glob patterns; "
                             "several after one --images, or --images repeated.")
   flags.DEFINE_string("out", None, "Output directory: <stem>.png overlays and predictions.json.")
@@ -227,7 +223,6 @@ def _define_flags():
   flags.DEFINE_integer("batch_size", 1, "Images per model call.")
   flags.DEFINE_bool("strict", False, "Check every image first and stop at the first bad one, before the model "
                     "runs; by default bad images are skipped, listed in predictions.json, and the exit status is 1.")
-  cli.define_debug_flag()
   flags.mark_flags_as_required(["checkpoint", "images", "out"])
 
 

@@ -261,11 +261,12 @@ def to_coco_results(predictions: Sequence[dict], image_ids: Sequence, *, categor
     image_ids: the COCO image id of each prediction, same length.
     category_ids: `category_ids[label]` is the COCO category id of a label (e.g. a list with index 0 for the
       background); None when the labels already are category ids.
-    keypoint_offset: subtracted from keypoint x and y. COCO keypoint annotations are integer pixel indices;
-      Detectron2 adds 0.5 to them when loading (so that a pixel's centre sits at +0.5, like box coordinates) and
-      subtracts it again when writing results (`instances_to_coco_json`). The default 0.5 follows Detectron2 and
-      a data pipeline that shifts like it; use 0.0 for torchvision weights, whose training data and COCO results
-      use the annotation coordinates as they are.
+    keypoint_offset: subtracted from keypoint x and y: the model's model.keypoint_head.coordinate_offset
+      (`data.examples.keypoint_coordinate_offset`, what `evaluate` passes). COCO keypoint annotations are integer
+      pixel indices; Detectron2 adds 0.5 to them when loading (so that a pixel's centre sits at +0.5, like box
+      coordinates) and subtracts it again when writing results (`instances_to_coco_json`), and so do this library's
+      training examples and evaluation under its Detectron2 configs. The default 0.5 is Detectron2's; torchvision's
+      convention, the annotation coordinates as they are, is 0.0.
 
   Returns a list with one dict per detection: image_id, category_id (int), bbox [x, y, width, height] (floats),
   score (float); segmentation (RLE with `counts` as str) when masks are present; keypoints [x1, y1, s1, x2, ...]

@@ -46,7 +46,7 @@ def format_line(step: int, max_iter: int, metrics: dict, *, seconds_per_iter: fl
   return "  ".join(parts)
 
 
-class JsonlWriter:
+class JsonlWriter(contextlib.AbstractContextManager):
   """Appends one JSON object per call to a file, flushed and fsynced, so a killed run keeps every line written.
 
   start_step: the step a resumed run continues from (its checkpoint's). Lines of an existing file whose
@@ -71,9 +71,6 @@ class JsonlWriter:
   def close(self) -> None:
     self._file.close()
 
-  def __enter__(self):
-    return self
-
   def __exit__(self, *exc):
     self.close()
 
@@ -95,7 +92,7 @@ def _drop_lines_after(path: pathlib.Path, step: int) -> None:
     atomic.write_file(path, lambda f: f.write("".join(kept)))
 
 
-class TensorBoardWriter:
+class TensorBoardWriter(contextlib.AbstractContextManager):
   """Writes each metric as a TensorBoard scalar (tag = the metric's name, step = the iteration) to event files.
 
   Every writer opens a new event file in `logdir` (a resumed run adds one beside the earlier run's) and starts it
@@ -129,14 +126,11 @@ class TensorBoardWriter:
   def close(self) -> None:
     self._writer.close()
 
-  def __enter__(self):
-    return self
-
   def __exit__(self, *exc):
     self.close()
 
 
-class MetricWriters:
+class MetricWriters(contextlib.AbstractContextManager):
   """Fans each `write(step, metrics)` out to several writers (JsonlWriter, TensorBoardWriter, anything with write and
   close); `close` closes them all, in order, even when one of them fails, and then raises."""
 
@@ -167,9 +161,6 @@ class MetricWriters:
     with contextlib.ExitStack() as stack:
       for w in reversed(self.writers):  # callbacks run last in, first out
         stack.callback(w.close)
-
-  def __enter__(self):
-    return self
 
   def __exit__(self, *exc):
     self.close()

@@ -181,16 +181,48 @@ def draw_instances(image, boxes, classes, scores=None, masks=None, keypoints=Non
   boxes, classes, scores, masks, keypoints = _check_instances(boxes, classes, scores, masks, keypoints, (h, w))
   if not 0.0 <= float(alpha) <= 1.0:
     raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+  keypoint_skeleton = _check_skeleton(keypoint_skeleton, keypoints)
+  order = _drawing_order(boxes, scores, masks, score_threshold)
+  colors = {int(i): class_color(classes[i]) for i in order}
+
+  out = _blend_masks(image, masks, order, colors, alpha)
+  draw = ImageDraw.Draw(out)
+  line_width = max(1, round(max(h, w) / 400))
+  for i in order:
+    box = _pixel_box(boxes[i], (h, w))
+    if box is not None:
+      draw.rectangle(box, outline=colors[int(i)], width=line_width)
+  if keypoints is not None:
+    _draw_keypoints(draw, keypoints, order, colors, keypoint_skeleton, keypoint_threshold, line_width)
+  # Labels last, on top of everything.
+  font = _font(max(10, min(h, w) // 40))
+  for i in order:
+    box = _pixel_box(boxes[i], (h, w))
+    if box is not None:
+      text = class_name(classes[i], class_names) + ("" if scores is None else f" {100 * float(scores[i]):.0f}%")
+      _draw_label(draw, box, text, colors[int(i)], font)
+  return np.asarray(out, np.uint8).copy()
+
+
+def _check_skeleton(keypoint_skeleton, keypoints) -> list[tuple[int, int]] | None:
+  """The (i, j) pairs to join: COCO's person skeleton for 17 keypoints when None is given, nothing for other counts.
+  Raises ValueError naming the pairs that are not pairs of the K keypoints."""
   if keypoints is not None and keypoint_skeleton is None:
     keypoint_skeleton = COCO_PERSON_SKELETON if keypoints.shape[1] == NUM_COCO_KEYPOINTS else ()
-  if keypoint_skeleton is not None:
-    keypoint_skeleton = [(int(i), int(j)) for i, j in keypoint_skeleton]
-    if keypoints is not None:
-      k = keypoints.shape[1]
-      bad = [(i, j) for i, j in keypoint_skeleton if not (0 <= i < k and 0 <= j < k)]
-      if bad:
-        raise ValueError(f"keypoint_skeleton has pairs {bad} outside the {k} keypoints")
+  if keypoint_skeleton is None:
+    return None
+  keypoint_skeleton = [(int(i), int(j)) for i, j in keypoint_skeleton]
+  if keypoints is not None:
+    k = keypoints.shape[1]
+    bad = [(i, j) for i, j in keypoint_skeleton if not (0 <= i < k and 0 <= j < k)]
+    if bad:
+      raise ValueError(f"keypoint_skeleton has pairs {bad} outside the {k} keypoints")
+  return keypoint_skeleton
 
+
+def _drawing_order(boxes: np.ndarray, scores, masks, score_threshold: float) -> np.ndarray:
+  """Indices of the instances to draw (score >= score_threshold), larger first (mask area, else box area), so that
+  small instances end up on top; ties keep their input order."""
   keep = np.arange(len(boxes))
   if scores is not None:
     keep = keep[scores >= score_threshold]
@@ -198,57 +230,48 @@ def draw_instances(image, boxes, classes, scores=None, masks=None, keypoints=Non
     areas = masks[keep].sum(axis=(1, 2))
   else:
     areas = np.prod(np.clip(boxes[keep, 2:] - boxes[keep, :2], 0, None), axis=1)
-  order = keep[np.argsort(-areas, kind="stable")]
-  colors = {int(i): class_color(classes[i]) for i in order}
+  return keep[np.argsort(-areas, kind="stable")]
 
-  # Masks first, in float, so that overlapping instances blend in drawing order.
-  if masks is not None and len(order):
-    canvas = image.astype(np.float32)
-    for i in order:
-      color = np.asarray(colors[int(i)], np.float32)
-      canvas[masks[i]] = (1.0 - alpha) * canvas[masks[i]] + alpha * color
-      canvas[_mask_boundary(masks[i])] = color
-    out = Image.fromarray(np.rint(canvas).astype(np.uint8))
-  else:
-    out = Image.fromarray(image.copy())
 
-  draw = ImageDraw.Draw(out)
-  line_width = max(1, round(max(h, w) / 400))
-  font = _font(max(10, min(h, w) // 40))
+def _blend_masks(image: np.ndarray, masks, order: np.ndarray, colors: dict, alpha: float) -> Image.Image:
+  """A new PIL image of `image` with the masks of `order` blended in with `alpha` and outlined in their colours."""
+  if masks is None or not len(order):
+    return Image.fromarray(image.copy())
+  # In float, so that overlapping instances blend in drawing order.
+  canvas = image.astype(np.float32)
   for i in order:
-    box = _pixel_box(boxes[i], (h, w))
-    if box is not None:
-      draw.rectangle(box, outline=colors[int(i)], width=line_width)
+    color = np.asarray(colors[int(i)], np.float32)
+    canvas[masks[i]] = (1.0 - alpha) * canvas[masks[i]] + alpha * color
+    canvas[_mask_boundary(masks[i])] = color
+  return Image.fromarray(np.rint(canvas).astype(np.uint8))
 
-  if keypoints is not None:
-    radius = line_width + 1
-    for i in order:
-      points = keypoints[i]
-      shown = np.isfinite(points).all(axis=1) & (points[:, 2] > keypoint_threshold)
-      for a, b in keypoint_skeleton:
-        if shown[a] and shown[b]:
-          draw.line([tuple(points[a, :2]), tuple(points[b, :2])], fill=colors[int(i)], width=line_width)
-      for k in np.flatnonzero(shown):
-        x, y = points[k, :2]
-        # A colour per keypoint index, so that left and right joints are told apart.
-        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=class_color(k + 1), outline=(0, 0, 0))
 
-  # Labels last, on top of everything.
+def _draw_keypoints(draw: ImageDraw.ImageDraw, keypoints: np.ndarray, order: np.ndarray, colors: dict, skeleton,
+                    threshold: float, line_width: int) -> None:
+  """Each instance's keypoints scored above `threshold`: skeleton lines in its colour, then a dot per keypoint."""
+  radius = line_width + 1
   for i in order:
-    box = _pixel_box(boxes[i], (h, w))
-    if box is None:
-      continue
-    text = class_name(classes[i], class_names)
-    if scores is not None:
-      text += f" {100 * float(scores[i]):.0f}%"
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    tw, th = right - left + 2, bottom - top + 2
-    x, y = box[0], box[1] - th  # above the box ...
-    if y < 0:
-      y = box[1]  # ... or inside its top edge when it touches the top of the image
-    draw.rectangle([x, y, x + tw - 1, y + th - 1], fill=colors[int(i)])
-    draw.text((x + 1 - left, y + 1 - top), text, fill=_text_color(colors[int(i)]), font=font)
-  return np.asarray(out, np.uint8).copy()
+    points = keypoints[i]
+    shown = np.isfinite(points).all(axis=1) & (points[:, 2] > threshold)
+    for a, b in skeleton:
+      if shown[a] and shown[b]:
+        draw.line([tuple(points[a, :2]), tuple(points[b, :2])], fill=colors[int(i)], width=line_width)
+    for k in np.flatnonzero(shown):
+      x, y = points[k, :2]
+      # A colour per keypoint index, so that left and right joints are told apart.
+      draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=class_color(k + 1), outline=(0, 0, 0))
+
+
+def _draw_label(draw: ImageDraw.ImageDraw, box, text: str, color, font) -> None:
+  """`text` on a tab of `color` at the top-left corner of `box`: above it, or inside its top edge when it touches
+  the top of the image."""
+  left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+  tw, th = right - left + 2, bottom - top + 2
+  x, y = box[0], box[1] - th
+  if y < 0:
+    y = box[1]
+  draw.rectangle([x, y, x + tw - 1, y + th - 1], fill=color)
+  draw.text((x + 1 - left, y + 1 - top), text, fill=_text_color(color), font=font)
 
 
 def make_grid(images: Sequence[np.ndarray], cols: int, *, padding: int = 2, fill=(255, 255, 255)) -> np.ndarray:

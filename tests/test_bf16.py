@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import tiny_model
-from mrcnn_jax import export, train
+from mrcnn_jax import export, train, train_state
 from mrcnn_jax.data import coco, pipeline, shapes
 from mrcnn_jax.modeling import layers, mask_rcnn
 
@@ -59,7 +59,7 @@ def _initial_state(config, seed=0):
   variables = jax.tree_util.tree_map_with_path(fill, variables)
   params = variables["params"]
   return train.TrainState(step=np.zeros((), np.int32), params=params, batch_stats=variables["batch_stats"],
-                          opt_state=jax.device_get(train.make_optimizer(config).init(params)))
+                          opt_state=jax.device_get(train_state.make_optimizer(config).init(params)))
 
 
 def _batches(tmp, config, num=4):

@@ -1,4 +1,4 @@
-"""mrcnn_jax.checkpoint.TrainCheckpointer and install_preemption_handler: the trainer's resumable checkpoints.
+"""mrcnn_jax.train_checkpoint.TrainCheckpointer and mrcnn_jax.preemption: the trainer's resumable checkpoints.
 
 The state here is a stand-in with the trainer's shape (a flax struct dataclass holding step, params, batch_stats and an
 optax state), not the trainer's own class: the checkpointer works on any pytree.
@@ -20,8 +20,8 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mrcnn_jax import checkpoint
-from mrcnn_jax.checkpoint import TrainCheckpointer
+from mrcnn_jax import preemption
+from mrcnn_jax.train_checkpoint import TrainCheckpointer
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step directory being written
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -212,7 +212,7 @@ def test_sigterm_sets_the_flag_and_the_old_handler_comes_back():
 
   signal.signal(signal.SIGTERM, previous)
   try:
-    handler = checkpoint.install_preemption_handler(lambda: calls.append("callback"))
+    handler = preemption.install_preemption_handler(lambda: calls.append("callback"))
     assert not handler.requested
     os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler before the next bytecode; the process lives on
     assert handler.requested and handler.sync_requested()
@@ -223,7 +223,7 @@ def test_sigterm_sets_the_flag_and_the_old_handler_comes_back():
     os.kill(os.getpid(), signal.SIGTERM)
     assert calls == ["callback", "previous"]
 
-    with checkpoint.install_preemption_handler() as handler:  # no callback: the flag alone
+    with preemption.install_preemption_handler() as handler:  # no callback: the flag alone
       os.kill(os.getpid(), signal.SIGTERM)
       assert handler.requested
     assert signal.getsignal(signal.SIGTERM) is previous
@@ -286,14 +286,14 @@ import jax, numpy as np
 process_id, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from mrcnn_jax import checkpoint
+from mrcnn_jax import preemption, train_checkpoint
 
 assert jax.process_count() == 2 and jax.device_count() == 2
 replicated = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec())
 state = {"w": jax.make_array_from_process_local_data(replicated, np.arange(6, dtype=np.float32).reshape(2, 3)),
          "step": jax.make_array_from_process_local_data(replicated, np.array(4, np.int32))}
 mine = b"shard0\\x00" if process_id == 0 else None  # states of different lengths, and a missing one
-with checkpoint.TrainCheckpointer(workdir) as ckpt:
+with train_checkpoint.TrainCheckpointer(workdir) as ckpt:
   assert ckpt.save(4, state, data_state=mine, config={"a": 1})
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
   restored, data_state, step = ckpt.restore(target_state=target)
@@ -301,7 +301,7 @@ with checkpoint.TrainCheckpointer(workdir) as ckpt:
   np.testing.assert_array_equal(np.asarray(restored["w"].addressable_data(0)), np.arange(6).reshape(2, 3))
 
 # Only process 1 is signalled; both learn it at the same step.
-with checkpoint.install_preemption_handler() as handler:
+with preemption.install_preemption_handler() as handler:
   if process_id == 1:
     os.kill(os.getpid(), signal.SIGTERM)
   assert handler.requested == (process_id == 1)

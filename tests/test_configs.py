@@ -184,8 +184,7 @@ def test_base_carries_detectron2_defaults(in_root):
       "model.roi_heads.score_thresh_test": 0.05, "model.roi_heads.nms_thresh_test": 0.5,
       "model.roi_heads.detections_per_image": 100, "model.roi_heads.min_box_size_test": 0.0,
       "model.roi_heads.box_weights": (10.0, 10.0, 5.0, 5.0), "model.roi_heads.fc_dim": 1024,
-      "model.roi_heads.class_agnostic_bbox_reg": False, "model.roi_heads.bbox_reg_background": False,
-      "model.roi_heads.background_last": True, "model.roi_heads.smooth_l1_beta": 0.0,
+      "model.roi_heads.smooth_l1_beta": 0.0,
       "model.pooler.aligned": True, "model.pooler.sampling_ratio": 0, "model.pooler.canonical_size": 224,
       "model.pooler.canonical_level": 4, "model.pooler.level_convention": "detectron2",
       "model.pooler.box_resolution": 7, "model.pooler.mask_resolution": 14, "model.pooler.keypoint_resolution": 14,
@@ -193,7 +192,8 @@ def test_base_carries_detectron2_defaults(in_root):
       "model.mask_head.paste_mode": "detectron2", "model.mask_head.mask_threshold": 0.5,
       "model.keypoint_head.enabled": False, "model.keypoint_head.num_keypoints": 17,
       "model.keypoint_head.num_convs": 8, "model.keypoint_head.conv_dim": 512,
-      "model.keypoint_head.min_visible_per_image": 1, "model.compute_dtype": "float32",
+      "model.keypoint_head.min_visible_per_image": 1, "model.keypoint_head.coordinate_offset": 0.5,
+      "model.compute_dtype": "float32",
       "train.skip_nonfinite": False, "train.max_consecutive_nonfinite": 10,
       "input.pixel_format": "BGR", "input.pixel_scale": 255.0, "input.pixel_mean": (103.53, 116.28, 123.675),
       "input.pixel_std": (1.0, 1.0, 1.0), "input.resize_mode": "detectron2",
@@ -241,10 +241,10 @@ VARIANTS = {
         "model.backbone.stride_in_1x1": False,
         "model.anchors.convention": "torchvision", "model.rpn.post_nms_topk_train": 2000,
         "model.rpn.min_size": 1e-3, "model.rpn.score_thresh": 0.0, "model.rpn.smooth_l1_beta": 1 / 9,
-        "model.roi_heads.min_box_size_test": 1e-2, "model.roi_heads.bbox_reg_background": True,
-        "model.roi_heads.background_last": False, "model.roi_heads.smooth_l1_beta": 1 / 9,
+        "model.roi_heads.min_box_size_test": 1e-2, "model.roi_heads.smooth_l1_beta": 1 / 9,
         "model.pooler.aligned": False, "model.pooler.sampling_ratio": 2, "model.rpn.sigmoid_scores": True,
         "model.pooler.level_convention": "torchvision", "model.mask_head.paste_mode": "torchvision",
+        "model.keypoint_head.coordinate_offset": 0.0,
         "input.pixel_format": "RGB", "input.pixel_scale": 1.0, "input.pixel_mean": (0.485, 0.456, 0.406),
         "input.pixel_std": (0.229, 0.224, 0.225), "input.resize_mode": "torchvision", "input.min_size_train": (800,),
         "train.weight_decay_norm": 1e-4, "train.weight_decay_bias": 1e-4, "train.max_iter": 26 * TV_EPOCH,
@@ -269,7 +269,7 @@ def test_variant_differs_from_its_base_only_where_intended(in_root, name):
 def test_torchvision_configs_carry_torchvision_conventions(in_root, name):
   config = _load(name)
   m, inp = config.model, config.input
-  assert m.label_space == "coco_ids" and not m.roi_heads.background_last and m.roi_heads.bbox_reg_background
+  assert m.label_space == "coco_ids" and m.keypoint_head.coordinate_offset == 0.0  # keypoints as COCO has them
   assert not m.backbone.stride_in_1x1 and m.backbone.freeze_at == 2 and m.backbone.norm == "FrozenBN"
   assert m.anchors.convention == "torchvision"
   assert (m.pooler.aligned, m.pooler.sampling_ratio, m.pooler.level_convention) == (False, 2, "torchvision")
@@ -329,7 +329,7 @@ def test_shapes_config_is_the_base_shrunk_for_a_cpu(in_root):
   # From scratch: statistics are learned and nothing is frozen.
   assert shapes.model.backbone.norm == "BN" and shapes.model.backbone.freeze_at == 0 and not shapes.init_from
   # Every field of the base exists in the shapes config; it only adds dataset.shapes.
-  flat_shapes, flat_base = _flatten(shapes.to_dict()), _flatten(base.to_dict())
+  flat_shapes, flat_base = _flat(shapes), _flat(base)
   assert set(flat_base) < set(flat_shapes)
   assert all(k.startswith("dataset.shapes.") for k in set(flat_shapes) - set(flat_base))
   local = _load("shapes", "runlocal")
@@ -339,12 +339,3 @@ def test_shapes_config_is_the_base_shrunk_for_a_cpu(in_root):
   with pytest.raises(flags.IllegalFlagValueError, match="nosuch"):
     _load("shapes", "nosuch")
 
-
-def _flatten(tree, prefix=""):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out

@@ -24,10 +24,10 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from mrcnn_jax import checkpoint, evaluate
+from mrcnn_jax import checkpoint, coco_eval, evaluate, train_checkpoint
 from mrcnn_jax.data import coco, shapes
 from mrcnn_jax.modeling import mask_rcnn
-from mrcnn_jax.train import TrainState
+from mrcnn_jax.train_state import TrainState
 
 import tiny_model
 
@@ -146,7 +146,7 @@ def _without_bbox(results):
 
 
 def test_perfect_predictions_score_100(boxes_gt):
-  metrics = evaluate.score_coco(COCO(str(boxes_gt)), _perfect_results(), IMAGE_IDS, iou_types=("bbox", "segm"))
+  metrics = coco_eval.score_coco(COCO(str(boxes_gt)), _perfect_results(), IMAGE_IDS, iou_types=("bbox", "segm"))
   for task in ("bbox", "segm"):
     for name in BOX_STATS:
       if name == "AR@1":  # image 10 holds two cats: one detection per image finds one of them
@@ -160,8 +160,8 @@ def test_perfect_predictions_score_100(boxes_gt):
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
 def test_known_errors_score_what_cocoeval_scores(boxes_gt, iou_type):
   results = _results_with_errors()
-  metrics = evaluate.score_coco(COCO(str(boxes_gt)), results, IMAGE_IDS, iou_types=("bbox", "segm"),
-                                max_detections=100)
+  metrics = coco_eval.score_coco(COCO(str(boxes_gt)), results, IMAGE_IDS, iou_types=("bbox", "segm"),
+                                 max_detections=100)
   direct = results if iou_type == "bbox" else _without_bbox(results)
   expected = _cocoeval_stats(boxes_gt, direct, iou_type)
   for name, value in zip(BOX_STATS, expected):
@@ -175,32 +175,32 @@ def test_known_errors_score_what_cocoeval_scores(boxes_gt, iou_type):
 def test_results_are_not_modified(boxes_gt):
   results = _results_with_errors()
   before = copy.deepcopy(results)
-  evaluate.score_coco(COCO(str(boxes_gt)), results, IMAGE_IDS, iou_types=("bbox", "segm"))
+  coco_eval.score_coco(COCO(str(boxes_gt)), results, IMAGE_IDS, iou_types=("bbox", "segm"))
   assert results == before
 
 
 def test_every_image_of_the_set_is_scored(boxes_gt):
   """A false positive on the image without objects lowers AP only if that image is scored."""
   results = _results_with_errors()
-  everything = evaluate.score_coco(COCO(str(boxes_gt)), results, IMAGE_IDS)
-  without_12 = evaluate.score_coco(COCO(str(boxes_gt)), results, (10, 11))
+  everything = coco_eval.score_coco(COCO(str(boxes_gt)), results, IMAGE_IDS)
+  without_12 = coco_eval.score_coco(COCO(str(boxes_gt)), results, (10, 11))
   assert everything["bbox/AP-dog"] < without_12["bbox/AP-dog"]
 
 
 def test_ground_truth_from_records_scores_like_the_file(boxes_gt, tmp_path):
   """The tfds path scores against records turned back into COCO; with RLE masks nothing changes."""
   source = coco.load_coco(boxes_gt, tmp_path, train=False)
-  rebuilt = evaluate.coco_from_records(source.records, source.category_map)
+  rebuilt = coco_eval.coco_from_records(source.records, source.category_map)
   results = _results_with_errors()
-  from_file = evaluate.score_coco(COCO(str(boxes_gt)), results, IMAGE_IDS, iou_types=("bbox", "segm"))
-  from_records = evaluate.score_coco(rebuilt, results, IMAGE_IDS, iou_types=("bbox", "segm"))
+  from_file = coco_eval.score_coco(COCO(str(boxes_gt)), results, IMAGE_IDS, iou_types=("bbox", "segm"))
+  from_records = coco_eval.score_coco(rebuilt, results, IMAGE_IDS, iou_types=("bbox", "segm"))
   assert from_file.keys() == from_records.keys()
   for key, value in from_file.items():
     assert _same(from_records[key], value), key
 
 
 def test_no_detections_at_all_score_zero(boxes_gt):
-  metrics = evaluate.score_coco(COCO(str(boxes_gt)), [], IMAGE_IDS, iou_types=("bbox", "segm"))
+  metrics = coco_eval.score_coco(COCO(str(boxes_gt)), [], IMAGE_IDS, iou_types=("bbox", "segm"))
   assert metrics["bbox/AP"] == 0.0 and metrics["segm/AR"] == 0.0 and metrics["bbox/AP-bird"] == 0.0
 
 
@@ -248,8 +248,8 @@ def _keypoint_results(gt_path, shifts=(0.0, 0.0, 0.0)):
 
 
 def test_perfect_keypoints_score_100(keypoints_gt):
-  metrics = evaluate.score_coco(COCO(str(keypoints_gt)), _keypoint_results(keypoints_gt), (1, 2),
-                                iou_types=("bbox", "keypoints"))
+  metrics = coco_eval.score_coco(COCO(str(keypoints_gt)), _keypoint_results(keypoints_gt), (1, 2),
+                                 iou_types=("bbox", "keypoints"))
   for name in KEYPOINT_STATS:
     assert metrics[f"keypoints/{name}"] == pytest.approx(100.0), name
   assert metrics["keypoints/AP-person"] == pytest.approx(100.0)
@@ -258,7 +258,7 @@ def test_perfect_keypoints_score_100(keypoints_gt):
 
 def test_keypoint_errors_score_what_cocoeval_scores(keypoints_gt):
   results = _keypoint_results(keypoints_gt, shifts=(0.0, 3.0, 9.0))
-  metrics = evaluate.score_coco(COCO(str(keypoints_gt)), results, (1, 2), iou_types=("keypoints",))
+  metrics = coco_eval.score_coco(COCO(str(keypoints_gt)), results, (1, 2), iou_types=("keypoints",))
   expected = _cocoeval_stats(keypoints_gt, results, "keypoints")
   for name, value in zip(KEYPOINT_STATS, expected):
     assert _same(metrics[f"keypoints/{name}"], value), (name, metrics[f"keypoints/{name}"], value)
@@ -366,6 +366,31 @@ def test_images_without_an_inference_pass_are_named(five_gt, boxes_gt, tmp_path)
     evaluate.evaluate(_fake_config(), {}, skipping, None, infer_fn=_fixed_infer())
 
 
+
+@pytest.mark.parametrize("offset, explicit, subtracted", [(0.5, None, 0.5), (0.0, None, 0.0), (0.0, 0.25, 0.25)])
+def test_predicted_keypoints_lose_the_configs_coordinate_offset(five_gt, tmp_path, monkeypatch, offset, explicit,
+                                                                 subtracted):
+  """The COCO results hold the predicted keypoints minus model.keypoint_head.coordinate_offset (0.5 in Detectron2's
+  configs, 0 in torchvision's; input.resize_mode is "detectron2" in both cases here, and says nothing), or minus an
+  explicit keypoint_offset. The images are 64 x 64 at scale 1, so original pixels are canvas pixels."""
+  config = _fake_config()
+  config.model.keypoint_head = ml_collections.ConfigDict({"enabled": True, "coordinate_offset": offset})
+  scored = []
+  monkeypatch.setattr(evaluate, "score_coco", lambda coco_gt, results, image_ids, **kw: scored.append(results) or {})
+  boxes_only = _fixed_infer()
+  points = np.float32([[10.0, 20.0, 0.9], [30.5, 40.0, 0.8]])  # (x, y, score) of each detection's 2 keypoints
+
+  def infer(variables, images, image_info):
+    out = boxes_only(variables, images, image_info)
+    b, n = out["scores"].shape
+    return dict(out, keypoints=jnp.broadcast_to(jnp.asarray(points), (b, n, 2, 3)))
+
+  source = BlankImages(coco.load_coco(five_gt, tmp_path, train=False))
+  evaluate.evaluate(config, {}, source, None, infer_fn=infer, keypoint_offset=explicit)
+  (results,) = scored
+  assert results and all(r["keypoints"] == pytest.approx(
+      [10.0 - subtracted, 20.0 - subtracted, 0.9, 30.5 - subtracted, 40.0 - subtracted, 0.8]) for r in results)
+
 class _RecordingPredictor:
   """Stands in for the Predictor in `run_inference`: one detection per image, and host work that waits (up to
   10 s) for the next batch to be dispatched, recording whether it was."""
@@ -459,7 +484,7 @@ def test_table_has_detectron2_layout():
   metrics = {"bbox/AP": 38.6473, "bbox/AP50": 59.451, "bbox/AP75": 42.107, "bbox/APs": math.nan,
              "bbox/APm": 42.052, "bbox/APl": 50.049, "bbox/AR": 50.0, "bbox/AP-person": 52.545,
              "bbox/AP-bicycle": 28.808, "bbox/AP-car": 42.316, "bbox/AP-motorcycle": 40.1}
-  assert evaluate.format_table(metrics).splitlines() == [
+  assert coco_eval.format_table(metrics).splitlines() == [
       "Evaluation results for bbox:",
       "|   AP   |  AP50  |  AP75  |  APs  |  APm   |  APl   |",
       "|:------:|:------:|:------:|:-----:|:------:|:------:|",
@@ -591,7 +616,7 @@ def test_load_inference_from_a_variables_checkpoint(tmp_path):
 def workdir(tmp_path_factory):
   """A training workdir with steps 3 and 6 (different variables), saved as the trainer saves its TrainState."""
   workdir = tmp_path_factory.mktemp("run")
-  with checkpoint.TrainCheckpointer(workdir, async_save=False) as ckpt:
+  with train_checkpoint.TrainCheckpointer(workdir, async_save=False) as ckpt:
     for step, seed in ((3, 1), (6, 2)):
       v = _variables(seed)
       state = TrainState(step=jnp.asarray(step, jnp.int32), params=v["params"], batch_stats=v["batch_stats"],

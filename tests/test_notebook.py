@@ -105,7 +105,7 @@ def test_eval_notebook_runs_end_to_end(tmp_path, monkeypatch):
   (draw_cell,) = [c for c in nb.cells if "visualize.draw_instances" in c.source]
   counts = ast.literal_eval(_text(draw_cell).split("detections drawn per image:")[1].strip())
   assert len(counts) == 3 and sum(counts) > 0, counts  # the overlays show something
-  (eval_cell,) = [c for c in nb.cells if "evaluate.format_table" in c.source]
+  (eval_cell,) = [c for c in nb.cells if "coco_eval.format_table" in c.source]
   table = _text(eval_cell)
   for header in ("Evaluation results for bbox:", "Evaluation results for segm:", "AP50", "APl"):
     assert header in table, table

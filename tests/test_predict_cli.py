@@ -19,7 +19,8 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 from mrcnn_jax import checkpoint
-from mrcnn_jax.data import coco, shapes
+from mrcnn_jax.data import shapes
+from mrcnn_jax.data.images import read_image
 from mrcnn_jax.modeling import mask_rcnn
 from mrcnn_jax.predictor import Predictor
 
@@ -91,7 +92,7 @@ def test_overlays_and_json_match_the_predictor(tiny_checkpoint, tmp_path):
   assert predictions["class_names"] == ["background", *shapes.CLASSES]
   assert list(predictions["images"]) == [str(p) for p in paths] and predictions["errors"] == {}
 
-  expected = Predictor(config, variables, batch_size=2)([coco.read_image(p) for p in paths])
+  expected = Predictor(config, variables, batch_size=2)([read_image(p) for p in paths])
   kept = [r["scores"] >= SCORE_THRESHOLD for r in expected]
   assert 0 < sum(k.sum() for k in kept) < sum(len(k) for k in kept)  # the threshold keeps some, not all
   for path, result, keep in zip(paths, expected, kept):
@@ -111,9 +112,9 @@ def test_overlays_and_json_match_the_predictor(tiny_checkpoint, tmp_path):
     overlay = np.asarray(Image.open(out / entry["overlay"]))
     assert overlay.shape == (h, w, 3) and overlay.dtype == np.uint8
     if instances:
-      assert (overlay != coco.read_image(path)).any()
+      assert (overlay != read_image(path)).any()
     elif path.suffix == ".png":
-      np.testing.assert_array_equal(overlay, coco.read_image(path))  # nothing to draw: the image as it was
+      np.testing.assert_array_equal(overlay, read_image(path))  # nothing to draw: the image as it was
 
 
 def test_without_config_a_folder_with_bad_files_gives_every_readable_image_its_results(tiny_checkpoint, tmp_path):
@@ -123,7 +124,7 @@ def test_without_config_a_folder_with_bad_files_gives_every_readable_image_its_r
   config, variables, ckpt, saved = tiny_checkpoint
   folder = tmp_path / "in"
   _write_images(folder)
-  image8 = coco.read_image(folder / "c.png")
+  image8 = read_image(folder / "c.png")
   samples = image8[..., 0].astype(np.uint16) * 257  # 16-bit grey, read back by the high byte: image8's red channel
   Image.fromarray(samples).save(folder / "d16.png")
   (folder / "corrupt.jpg").write_bytes(b"not an image at all")
@@ -154,7 +155,7 @@ def test_without_config_a_folder_with_bad_files_gives_every_readable_image_its_r
   expected_config = checkpoint.config_from_saved(json.loads(saved.to_json_best_effort()))
   assert expected_config.model.roi_heads.nms_thresh_test == SAVED_NMS_THRESH
   gray8 = np.repeat(image8[..., :1], 3, axis=2)
-  expected = Predictor(expected_config, variables, batch_size=2)([coco.read_image(folder / "a.png"), gray8])
+  expected = Predictor(expected_config, variables, batch_size=2)([read_image(folder / "a.png"), gray8])
   for path, result in zip((folder / "a.png", folder / "d16.png"), expected):
     keep = result["scores"] >= SCORE_THRESHOLD
     instances = predictions["images"][str(path)]["instances"]

@@ -12,7 +12,7 @@ import logging
 import jax
 import numpy as np
 
-from mrcnn_jax import checkpoint, train
+from mrcnn_jax import checkpoint, train, train_state
 from mrcnn_jax.data import coco, shapes
 from mrcnn_jax.modeling import mask_rcnn
 
@@ -63,7 +63,7 @@ def _random_variables(config, seed):
 def test_merge_loads_every_leaf_but_the_class_dependent_predictors(load_config):
   init = _random_variables(_config(load_config, 3), seed=0)
   source = _random_variables(_config(load_config, 5), seed=1)
-  merged, report = train.merge_pretrained(init, source)
+  merged, report = train_state.merge_pretrained(init, source)
 
   flat_init, flat_source, flat_merged = _flat(init), _flat(source), _flat(merged)
   assert flat_merged.keys() == flat_init.keys()
@@ -83,7 +83,7 @@ def test_merge_reports_what_it_left_out(load_config, caplog):
   del source["params"]["mask_head"]  # e.g. Faster R-CNN weights ...
   source["params"]["keypoint_head"] = {"conv1": {"kernel": np.ones((3, 3, 32, 16), np.float32),  # ... with extras
                                                  "bias": np.ones((16,), np.float32)}}
-  merged, report = train.merge_pretrained(init, source)
+  merged, report = train_state.merge_pretrained(init, source)
 
   mask_head = sorted(p for p in _flat(init) if p.startswith("params/mask_head/"))
   assert len(mask_head) == 12  # conv1..4, deconv, predictor: kernel and bias each
@@ -92,8 +92,8 @@ def test_merge_reports_what_it_left_out(load_config, caplog):
   for path in mask_head:
     np.testing.assert_array_equal(_flat(merged)[path], _flat(init)[path])
 
-  with caplog.at_level(logging.INFO, logger="mrcnn_jax.train"):
-    train.log_merge_report(report, "SRC")
+  with caplog.at_level(logging.INFO, logger="mrcnn_jax.train_state"):
+    train_state.log_merge_report(report, "SRC")
   text = caplog.text
   assert f"init_from SRC: loaded {len(report.loaded)} of the model's {len(_flat(init))} variables" in text
   assert "4 variables not loaded, their shapes differ" in text  # the box predictor's
@@ -105,11 +105,11 @@ def test_merge_reports_what_it_left_out(load_config, caplog):
 def test_collapse_paths_names_whole_subtrees_once():
   universe = ["params/fpn/a/kernel", "params/fpn/a/bias", "params/fpn2/kernel", "params/rpn/conv/kernel",
               "params/rpn/conv/bias"]
-  assert train.collapse_paths(["params/fpn/a/kernel", "params/fpn/a/bias", "params/rpn/conv/bias"], universe) == [
+  assert train_state.collapse_paths(["params/fpn/a/kernel", "params/fpn/a/bias", "params/rpn/conv/bias"], universe) == [
       "params/fpn/* (2)", "params/rpn/conv/bias"]
   # A subtree of one leaf is named by its leaf; "fpn2" is no part of "fpn".
-  assert train.collapse_paths(["params/fpn2/kernel"], universe) == ["params/fpn2/kernel"]
-  assert train.collapse_paths(universe, universe) == ["params/* (5)"]
+  assert train_state.collapse_paths(["params/fpn2/kernel"], universe) == ["params/fpn2/kernel"]
+  assert train_state.collapse_paths(universe, universe) == ["params/* (5)"]
 
 
 def test_train_starts_from_init_from_and_a_resumed_run_ignores_it(tmp_path, load_config, caplog):
@@ -127,7 +127,7 @@ def test_train_starts_from_init_from_and_a_resumed_run_ignores_it(tmp_path, load
   config = _config(load_config, 3)
   config.init_from = str(tmp_path / "pretrained")
   config.train.base_lr = 0.0  # the step runs, and leaves the params it started from for the test to see
-  with caplog.at_level(logging.INFO, logger="mrcnn_jax.train"):
+  with caplog.at_level(logging.INFO, logger="mrcnn_jax.train_state"):
     state = train.train(config, tmp_path / "run", source=source)
   assert int(state.step) == 1
   assert np.isfinite(json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["total_loss"])

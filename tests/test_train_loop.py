@@ -11,7 +11,7 @@ import own_data
 import pytest
 import tiny_model
 
-from mrcnn_jax import checkpoint, train
+from mrcnn_jax import train, train_checkpoint, train_state
 from mrcnn_jax.data import coco
 
 # The trainer's tiny model, for the set's one class.
@@ -93,7 +93,7 @@ def test_a_diverging_run_stops_after_the_skipped_steps_and_saves_nothing_non_fin
   lines = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
   assert [(x["iteration"], x["nonfinite_skipped"]) for x in lines] == [(1, 0), (2, 1), (3, 1), (4, 1)]
   assert np.isfinite(lines[0]["total_loss"]) and not np.isfinite(lines[-1]["total_loss"])
-  with checkpoint.TrainCheckpointer(tmp_path / "w", read_only=True) as ckpt:
+  with train_checkpoint.TrainCheckpointer(tmp_path / "w", read_only=True) as ckpt:
     assert ckpt.all_steps()  # saved: the skipped steps keep the (finite) parameters of step 1
     for step in ckpt.all_steps():
       for leaf in jax.tree.leaves(ckpt.restore(step)[0]):
@@ -107,10 +107,10 @@ def test_parameters_that_are_not_finite_are_never_saved(own_set, tmp_path, monke
   ones."""
   import jax.numpy as jnp
 
-  def small_state(config, key, canvas_hw=None):
+  def small_state(config, key, canvas_hw=None):  # the loop calls create_train_state(config, key)
     del config, key, canvas_hw
-    return train.TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.ones((3,))}, batch_stats={},
-                            opt_state={})
+    return train_state.TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.ones((3,))}, batch_stats={},
+                                  opt_state={})
 
   def overflowing_step(config, model, mesh):
     del config, model, mesh
@@ -128,5 +128,5 @@ def test_parameters_that_are_not_finite_are_never_saved(own_set, tmp_path, monke
   with pytest.raises(FloatingPointError, match=r"^the parameters are not finite after step 2 .*; not saved: no "
                                                r"checkpoint was saved yet"):
     train.train(config, tmp_path / "w")
-  with checkpoint.TrainCheckpointer(tmp_path / "w", read_only=True) as ckpt:
+  with train_checkpoint.TrainCheckpointer(tmp_path / "w", read_only=True) as ckpt:
     assert ckpt.all_steps() == []

@@ -96,7 +96,7 @@ def test_resume_gives_the_same_run(tmp_path, load_config):
 def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path, load_config):
   """Two good steps are checkpointed; then the input overflows (pixel_std ~ 0 makes the images inf): step 3's loss is
   not finite, the run stops naming it and checkpoint 2, which stays restorable and untouched."""
-  from mrcnn_jax import checkpoint
+  from mrcnn_jax import train_checkpoint
 
   shapes.write_dataset(tmp_path / "data", 8, 0, seed=0, size_hw=(64, 64))
   config = _config(load_config, tmp_path / "data")
@@ -107,7 +107,7 @@ def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_
   config.input.pixel_std = (1e-45, 1e-45, 1e-45)
   with pytest.raises(FloatingPointError, match=r"non-finite loss at step 3: .*last good checkpoint is step 2"):
     train.train(config, tmp_path / "w", source=source)
-  with checkpoint.TrainCheckpointer(tmp_path / "w") as ckpt:
+  with train_checkpoint.TrainCheckpointer(tmp_path / "w") as ckpt:
     assert ckpt.all_steps() == [1, 2]
     state, _, step = ckpt.restore()
   assert step == 2

@@ -15,7 +15,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from conftest import load_config  # tests/conftest.py, on sys.path through pytest's rootdir conftest
-from mrcnn_jax import train
+from mrcnn_jax import train_state, train_step
+from mrcnn_jax.mesh import make_mesh
 from mrcnn_jax.data import pipeline
 from mrcnn_jax.modeling import mask_rcnn
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
@@ -27,7 +28,7 @@ from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 
 def test_schedule_is_detectron2_warmup_multistep():
   config = load_config("mask_rcnn_R50_FPN_1x")  # base_lr 0.02, warmup 1000 from 0.001x, x0.1 at 60k and 80k
-  schedule = train.learning_rate_schedule(config)
+  schedule = train_state.learning_rate_schedule(config)
   expected = {
       0: 0.02 * 0.001,  # warmup start
       500: 0.02 * (0.001 * 0.5 + 0.5),  # halfway: 0.01001
@@ -47,7 +48,7 @@ def test_schedule_without_warmup_starts_at_base_lr():
   config = load_config("mask_rcnn_R50_FPN_1x")
   config.train.warmup_iters = 0
   config.train.steps = (3,)
-  schedule = train.learning_rate_schedule(config)
+  schedule = train_state.learning_rate_schedule(config)
   np.testing.assert_allclose([float(schedule(s)) for s in (0, 2, 3, 4)], [0.02, 0.02, 0.002, 0.002], rtol=1e-6)
 
 
@@ -64,42 +65,43 @@ def test_param_labels_of_the_model_by_path():
   config = load_config("mask_rcnn_R50_FPN_1x")
   config.model.backbone.norm = "BN"  # norm scales and offsets in `params` (FrozenBN keeps them in batch_stats)
   shapes = jax.eval_shape(lambda k: mask_rcnn.init_variables(config, k, (64, 64)), jax.random.key(0))["params"]
-  labels = _flat(train.param_labels(shapes, freeze_at=2))
+  labels = _flat(train_state.param_labels(shapes, freeze_at=2))
   expected = {
-      "backbone/stem_conv/kernel": train.FROZEN,
-      "backbone/stem_norm/scale": train.FROZEN,
-      "backbone/res2_0/conv1/kernel": train.FROZEN,
-      "backbone/res2_2/norm3/bias": train.FROZEN,
-      "backbone/res2_0/shortcut_norm/scale": train.FROZEN,
-      "backbone/res3_0/conv1/kernel": train.KERNEL,
-      "backbone/res3_0/norm1/scale": train.NORM,
-      "backbone/res3_0/norm1/bias": train.NORM,
-      "backbone/res3_0/shortcut_norm/bias": train.NORM,
-      "backbone/res5_2/conv3/kernel": train.KERNEL,
-      "fpn/lateral2/kernel": train.KERNEL,
-      "fpn/lateral2/bias": train.BIAS,
-      "rpn/conv/bias": train.BIAS,
-      "rpn/objectness/kernel": train.KERNEL,
-      "box_head/fc1/kernel": train.KERNEL,
-      "box_head/cls_score/bias": train.BIAS,
-      "mask_head/deconv/kernel": train.KERNEL,
-      "mask_head/predictor/bias": train.BIAS,
+      "backbone/stem_conv/kernel": train_state.FROZEN,
+      "backbone/stem_norm/scale": train_state.FROZEN,
+      "backbone/res2_0/conv1/kernel": train_state.FROZEN,
+      "backbone/res2_2/norm3/bias": train_state.FROZEN,
+      "backbone/res2_0/shortcut_norm/scale": train_state.FROZEN,
+      "backbone/res3_0/conv1/kernel": train_state.KERNEL,
+      "backbone/res3_0/norm1/scale": train_state.NORM,
+      "backbone/res3_0/norm1/bias": train_state.NORM,
+      "backbone/res3_0/shortcut_norm/bias": train_state.NORM,
+      "backbone/res5_2/conv3/kernel": train_state.KERNEL,
+      "fpn/lateral2/kernel": train_state.KERNEL,
+      "fpn/lateral2/bias": train_state.BIAS,
+      "rpn/conv/bias": train_state.BIAS,
+      "rpn/objectness/kernel": train_state.KERNEL,
+      "box_head/fc1/kernel": train_state.KERNEL,
+      "box_head/cls_score/bias": train_state.BIAS,
+      "mask_head/deconv/kernel": train_state.KERNEL,
+      "mask_head/predictor/bias": train_state.BIAS,
   }
   assert {k: labels[k] for k in expected} == expected
   # Every frozen parameter sits in the stem or res2, and every parameter there is frozen.
-  assert {k for k, v in labels.items() if v == train.FROZEN} == {
+  assert {k for k, v in labels.items() if v == train_state.FROZEN} == {
       k for k in labels if k.startswith(("backbone/stem_", "backbone/res2_"))}
 
-  unfrozen = _flat(train.param_labels(shapes, freeze_at=0))
-  assert unfrozen["backbone/stem_conv/kernel"] == train.KERNEL and unfrozen["backbone/stem_norm/bias"] == train.NORM
-  all_frozen = _flat(train.param_labels(shapes, freeze_at=5))
-  assert all(v == train.FROZEN for k, v in all_frozen.items() if k.startswith("backbone/"))
-  assert all_frozen["fpn/output5/kernel"] == train.KERNEL
+  unfrozen = _flat(train_state.param_labels(shapes, freeze_at=0))
+  assert unfrozen["backbone/stem_conv/kernel"] == train_state.KERNEL
+  assert unfrozen["backbone/stem_norm/bias"] == train_state.NORM
+  all_frozen = _flat(train_state.param_labels(shapes, freeze_at=5))
+  assert all(v == train_state.FROZEN for k, v in all_frozen.items() if k.startswith("backbone/"))
+  assert all_frozen["fpn/output5/kernel"] == train_state.KERNEL
 
 
 def test_param_labels_refuse_an_unknown_kind():
   with pytest.raises(ValueError, match="box_head/fc1/embedding"):
-    train.param_labels({"box_head": {"fc1": {"embedding": jnp.zeros(3)}}}, freeze_at=2)
+    train_state.param_labels({"box_head": {"fc1": {"embedding": jnp.zeros(3)}}}, freeze_at=2)
 
 
 def _toy_params():
@@ -131,7 +133,7 @@ def test_sgd_momentum_with_weight_decay_by_kind_matches_hand_computation():
   params = _toy_params()
   rng = np.random.default_rng(1)
   grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params) for _ in range(2)]
-  tx = train.make_optimizer(config)
+  tx = train_state.make_optimizer(config)
   state = tx.init(params)
   p = params
   for g in grads:
@@ -166,7 +168,7 @@ def test_gradient_clipping_by_global_norm():
                        clip_grad_norm=1.0)
   params = {"box_head": {"fc1": {"kernel": np.zeros((2,), np.float32), "bias": np.zeros((1,), np.float32)}}}
   grads = {"box_head": {"fc1": {"kernel": np.array([3.0, 0.0], np.float32), "bias": np.array([4.0], np.float32)}}}
-  tx = train.make_optimizer(config)
+  tx = train_state.make_optimizer(config)
   updates, _ = tx.update(grads, tx.init(params), params)
   # |g| = 5 -> g / 5, times -lr (0.5).
   np.testing.assert_allclose(updates["box_head"]["fc1"]["kernel"], [-0.3, 0.0], rtol=1e-6)
@@ -201,7 +203,7 @@ def _tiny_config():
 
 
 def _tiny_batch(num_images=8):
-  """The arrays of `pipeline.train_example` stacked to (B, ...): noise images with 1-2 elliptic instances each."""
+  """The arrays of `examples.train_example` stacked to (B, ...): noise images with 1-2 elliptic instances each."""
   rng = np.random.default_rng(0)
   b = num_images
   batch = {
@@ -234,14 +236,14 @@ class _Run:
   def __init__(self, config):
     self.config = config
     self.model = MaskRCNN(config.model, train=True)
-    self.initial = jax.device_get(train.create_train_state(config, jax.random.key(0), (CANVAS, CANVAS)))
+    self.initial = jax.device_get(train_state.create_train_state(config, jax.random.key(0), (CANVAS, CANVAS)))
     self._steps = {}
 
   def step(self, num_devices, batch):
     """(new state, metrics) on the host after one step from the initial state on `num_devices` devices."""
     if num_devices not in self._steps:
-      mesh = train.make_mesh(jax.devices()[:num_devices])
-      self._steps[num_devices] = mesh, train.jit_train_step(self.config, self.model, mesh)
+      mesh = make_mesh(jax.devices()[:num_devices])
+      self._steps[num_devices] = mesh, train_step.jit_train_step(self.config, self.model, mesh)
     mesh, step = self._steps[num_devices]
     # A fresh copy on the mesh each time: the step donates its input state.
     state = jax.device_put(self.initial, NamedSharding(mesh, P()))
@@ -276,14 +278,14 @@ def test_eight_devices_give_the_losses_and_update_of_one(run, one_and_eight):
 
 def test_frozen_stages_do_not_move_and_the_rest_does(run, one_and_eight):
   _, (state, _) = one_and_eight
-  labels = _flat(train.param_labels(run.initial.params, run.config.model.backbone.freeze_at))
+  labels = _flat(train_state.param_labels(run.initial.params, run.config.model.backbone.freeze_at))
   before, after = _flat(run.initial.params), _flat(state.params)
-  frozen = [k for k, v in labels.items() if v == train.FROZEN]
+  frozen = [k for k, v in labels.items() if v == train_state.FROZEN]
   assert "backbone/stem_conv/kernel" in frozen and "backbone/res2_1/conv2/kernel" in frozen
   for name in frozen:
     np.testing.assert_array_equal(after[name], before[name], err_msg=name)
-  moved = {k for k in labels if labels[k] != train.FROZEN and not np.array_equal(after[k], before[k])}
-  assert moved == {k for k in labels if labels[k] != train.FROZEN}
+  moved = {k for k in labels if labels[k] != train_state.FROZEN and not np.array_equal(after[k], before[k])}
+  assert moved == {k for k in labels if labels[k] != train_state.FROZEN}
   # FrozenBN's constants are not the optimizer's.
   jax.tree.map(np.testing.assert_array_equal, state.batch_stats, run.initial.batch_stats)
 

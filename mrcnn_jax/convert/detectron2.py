@@ -6,7 +6,8 @@ Two sources, one ResNet layout:
   `roi_heads.box_predictor.cls_score.weight`) -> the whole model's {"params", "batch_stats"}. It fits the model of
   configs/mask_rcnn_R50_FPN_1x.py (R50 or R101 backbone, mask head) or configs/keypoint_rcnn_R50_FPN_1x.py (keypoint
   head, one class). Detectron2 puts the background logit last and has no background box deltas or mask channel;
-  mrcnn_jax keeps background at index 0 of every class axis, so rows move and zeros fill the background slots.
+  mrcnn_jax keeps background at index 0 of every class axis, so rows move and zeros fill the background slots (the
+  layout is read from the arrays' shapes; a class-agnostic box regressor has no counterpart and is refused).
 - `convert_msra_backbone`: the ImageNet classifiers Detectron2 starts from (R-50.pkl, R-101.pkl: Caffe2 names such
   as `res2_0_branch2a_w`, AffineChannel instead of batch norm) -> the `backbone` subtree only; the heads are
   initialized fresh when fine-tuning.
@@ -209,6 +210,22 @@ def convert_state_dict(state: Mapping[str, np.ndarray], *, return_extras: bool =
     Class axes have background at 0: cls_score (D, K+1), bbox_pred (D, 4(K+1)), mask predictor (1, 1, M, K+1).
   """
   tb = TreeBuilder(state, SOURCE)
+  extras, dropped = _d2_extras(tb)
+  _d2_backbone(tb)
+  channels = _d2_fpn(tb)
+  _d2_rpn(tb, channels)
+  fc_dim = _d2_box_head(tb, channels)
+  num_classes = _d2_box_predictor(tb, fc_dim)
+  if tb.has("roi_heads.mask_head.mask_fcn1.weight"):  # absent in keypoint models
+    _d2_mask_head(tb, channels, num_classes)
+  if tb.has("roi_heads.keypoint_head.conv_fcn1.weight"):
+    _d2_keypoint_head(tb, channels)
+  return _finish(tb, dropped, extras, return_extras)
+
+
+def _d2_extras(tb: TreeBuilder) -> tuple[dict, list[str]]:
+  """What the state holds besides variables: (extras with "pixel_mean" / "pixel_std" when present, the keys consumed
+  without conversion)."""
   extras, dropped = {}, []
   for name in ("pixel_mean", "pixel_std"):
     if tb.has(name):  # GeneralizedRCNN buffers of shape (3, 1, 1); persistent only in older Detectron2 versions
@@ -217,8 +234,12 @@ def convert_state_dict(state: Mapping[str, np.ndarray], *, return_extras: bool =
   for key in [k for k in tb.state if re.fullmatch(r"proposal_generator\.anchor_generator\.cell_anchors\.\d+", k)]:
     tb.ignore(key)
     dropped.append(key)
+  return extras, dropped
 
-  # Backbone: ResNet (Detectron2's "bottom_up"); its depth from the number of blocks per stage.
+
+def _d2_backbone(tb: TreeBuilder) -> None:
+  """The ResNet (Detectron2's "bottom_up"), its depth from the number of blocks per stage; FrozenBN after every
+  conv."""
   depth = _depth_from_blocks(tb, "backbone.bottom_up.res{level}.{}.conv1.weight")
   for block, conv, in_ch, out_ch, k in _resnet_convs(depth):
     key = ("backbone.bottom_up.stem.conv1" if block == "stem"
@@ -227,20 +248,28 @@ def convert_state_dict(state: Mapping[str, np.ndarray], *, return_extras: bool =
     _d2_conv(tb, key, conv_path, out_ch, in_ch, k, bias=False)
     _d2_frozen_bn(tb, f"{key}.norm", norm_path, out_ch)
 
-  # FPN: lateral 1x1 and output 3x3 convs per level, all of `channels` outputs.
+
+def _d2_fpn(tb: TreeBuilder) -> int:
+  """The FPN's lateral 1x1 and output 3x3 convs per level, all of `channels` outputs; returns channels."""
   channels = tb.get("backbone.fpn_lateral2.weight").shape[0]
   for level, width in zip(_LEVELS, STAGE_WIDTHS):
     _d2_conv(tb, f"backbone.fpn_lateral{level}", ("fpn", f"lateral{level}"), channels, 4 * width, 1)
     _d2_conv(tb, f"backbone.fpn_output{level}", ("fpn", f"output{level}"), channels, channels, 3)
+  return channels
 
-  # RPN: shared 3x3 conv, then per anchor one objectness logit and 4 deltas.
+
+def _d2_rpn(tb: TreeBuilder, channels: int) -> None:
+  """The RPN: a shared 3x3 conv, then per anchor one objectness logit and 4 deltas."""
   rpn = "proposal_generator.rpn_head"
   anchors = tb.get(f"{rpn}.objectness_logits.weight").shape[0]
   _d2_conv(tb, f"{rpn}.conv", ("rpn", "conv"), channels, channels, 3)
   _d2_conv(tb, f"{rpn}.objectness_logits", ("rpn", "objectness"), anchors, channels, 1)
   _d2_conv(tb, f"{rpn}.anchor_deltas", ("rpn", "deltas"), 4 * anchors, channels, 1)
 
-  # Box head: fc1 reads RoI features flattened (C, R, R) by torch, (R, R, C) by mrcnn_jax.
+
+def _d2_box_head(tb: TreeBuilder, channels: int) -> int:
+  """The box head's two FCs; fc1 reads RoI features flattened (C, R, R) by torch, (R, R, C) by mrcnn_jax. Returns
+  the FC width."""
   fc_dim, fc_in = tb.get("roi_heads.box_head.fc1.weight").shape
   resolution = int(round((fc_in / channels) ** 0.5))
   if resolution * resolution * channels != fc_in:
@@ -249,9 +278,13 @@ def convert_state_dict(state: Mapping[str, np.ndarray], *, return_extras: bool =
   tb.put("params", ("box_head", "fc1", "kernel"), fc_after_pool_kernel(fc1, channels, resolution))
   tb.put("params", ("box_head", "fc1", "bias"), _take(tb, "roi_heads.box_head.fc1.bias", (fc_dim,)))
   _d2_dense(tb, "roi_heads.box_head.fc2", ("box_head", "fc2"), fc_dim, fc_dim)
+  return fc_dim
 
-  # Box predictor: K + 1 logits with background last; 4 deltas per foreground class (no background deltas; a
-  # class-agnostic regressor, 4 deltas in all, has no counterpart in the model and fails here).
+
+def _d2_box_predictor(tb: TreeBuilder, fc_dim: int) -> int:
+  """The box predictor, to background first: K + 1 logits with background last; 4 deltas per foreground class (no
+  background deltas; a class-agnostic regressor, 4 deltas in all, has no counterpart in the model and fails here).
+  Returns K."""
   predictor = "roi_heads.box_predictor"
   num_classes = tb.get(f"{predictor}.cls_score.weight").shape[0] - 1
   cls_w = _take(tb, f"{predictor}.cls_score.weight", (num_classes + 1, fc_dim))
@@ -262,33 +295,40 @@ def convert_state_dict(state: Mapping[str, np.ndarray], *, return_extras: bool =
   box_b = _take(tb, f"{predictor}.bbox_pred.bias", (4 * num_classes,))
   tb.put("params", ("box_head", "bbox_pred", "kernel"), dense_kernel(_with_background_slot(box_w, 4)))
   tb.put("params", ("box_head", "bbox_pred", "bias"), _with_background_slot(box_b, 4))
+  return num_classes
 
-  # Mask head (absent in keypoint models): convs, 2x2 stride-2 deconv, a 1x1 conv with one channel per class.
+
+def _d2_conv_tower(tb: TreeBuilder, key: str, head: str, channels: int) -> int:
+  """A head's 3x3 convs `key`1, `key`2, ... (as many as the state holds) -> head/conv1, head/conv2, ...; the first
+  reads `channels`, the others the tower's width. Returns the width."""
+  dim = tb.get(f"{key}1.weight").shape[0]
+  for i in range(1, _count(tb, key + "{}.weight", 1) + 1):
+    _d2_conv(tb, f"{key}{i}", (head, f"conv{i}"), dim, channels if i == 1 else dim, 3)
+  return dim
+
+
+def _d2_mask_head(tb: TreeBuilder, channels: int, num_classes: int) -> None:
+  """The mask head: convs, the 2x2 stride-2 deconv, a 1x1 conv with one channel per foreground class (a zero
+  background channel added first)."""
   mask = "roi_heads.mask_head"
-  if tb.has(f"{mask}.mask_fcn1.weight"):
-    dim = tb.get(f"{mask}.mask_fcn1.weight").shape[0]
-    for i in range(1, _count(tb, mask + ".mask_fcn{}.weight", 1) + 1):
-      _d2_conv(tb, f"{mask}.mask_fcn{i}", ("mask_head", f"conv{i}"), dim, channels if i == 1 else dim, 3)
-    deconv = _take(tb, f"{mask}.deconv.weight", (dim, dim, 2, 2))  # ConvTranspose2d: (in, out, kh, kw)
-    tb.put("params", ("mask_head", "deconv", "kernel"), deconv_kernel(deconv))
-    tb.put("params", ("mask_head", "deconv", "bias"), _take(tb, f"{mask}.deconv.bias", (dim,)))
-    mask_w = _take(tb, f"{mask}.predictor.weight", (num_classes, dim, 1, 1))
-    mask_b = _take(tb, f"{mask}.predictor.bias", (num_classes,))
-    tb.put("params", ("mask_head", "predictor", "kernel"), conv_kernel(_with_background_slot(mask_w, 1)))
-    tb.put("params", ("mask_head", "predictor", "bias"), _with_background_slot(mask_b, 1))
+  dim = _d2_conv_tower(tb, f"{mask}.mask_fcn", "mask_head", channels)
+  deconv = _take(tb, f"{mask}.deconv.weight", (dim, dim, 2, 2))  # ConvTranspose2d: (in, out, kh, kw)
+  tb.put("params", ("mask_head", "deconv", "kernel"), deconv_kernel(deconv))
+  tb.put("params", ("mask_head", "deconv", "bias"), _take(tb, f"{mask}.deconv.bias", (dim,)))
+  mask_w = _take(tb, f"{mask}.predictor.weight", (num_classes, dim, 1, 1))
+  mask_b = _take(tb, f"{mask}.predictor.bias", (num_classes,))
+  tb.put("params", ("mask_head", "predictor", "kernel"), conv_kernel(_with_background_slot(mask_w, 1)))
+  tb.put("params", ("mask_head", "predictor", "bias"), _with_background_slot(mask_b, 1))
 
-  # Keypoint head: 3x3 convs conv_fcn1.., then the 4x4 stride-2 deconv to one heatmap per keypoint.
+
+def _d2_keypoint_head(tb: TreeBuilder, channels: int) -> None:
+  """The keypoint head: 3x3 convs conv_fcn1.., then the 4x4 stride-2 deconv to one heatmap per keypoint."""
   kp = "roi_heads.keypoint_head"
-  if tb.has(f"{kp}.conv_fcn1.weight"):
-    dim = tb.get(f"{kp}.conv_fcn1.weight").shape[0]
-    for i in range(1, _count(tb, kp + ".conv_fcn{}.weight", 1) + 1):
-      _d2_conv(tb, f"{kp}.conv_fcn{i}", ("keypoint_head", f"conv{i}"), dim, channels if i == 1 else dim, 3)
-    num_keypoints = tb.get(f"{kp}.score_lowres.weight").shape[1]
-    deconv = _take(tb, f"{kp}.score_lowres.weight", (dim, num_keypoints, 4, 4))  # (in, out, kh, kw)
-    tb.put("params", ("keypoint_head", "deconv", "kernel"), deconv_kernel(deconv))
-    tb.put("params", ("keypoint_head", "deconv", "bias"), _take(tb, f"{kp}.score_lowres.bias", (num_keypoints,)))
-
-  return _finish(tb, dropped, extras, return_extras)
+  dim = _d2_conv_tower(tb, f"{kp}.conv_fcn", "keypoint_head", channels)
+  num_keypoints = tb.get(f"{kp}.score_lowres.weight").shape[1]
+  deconv = _take(tb, f"{kp}.score_lowres.weight", (dim, num_keypoints, 4, 4))  # (in, out, kh, kw)
+  tb.put("params", ("keypoint_head", "deconv", "kernel"), deconv_kernel(deconv))
+  tb.put("params", ("keypoint_head", "deconv", "bias"), _take(tb, f"{kp}.score_lowres.bias", (num_keypoints,)))
 
 
 # -- MSRA / Detectron (Caffe2) ImageNet backbones ---------------------------------------------------------------------

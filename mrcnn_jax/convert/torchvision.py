@@ -2,7 +2,9 @@
 
 The result fits the model of configs/torchvision_maskrcnn_r50_fpn.py (or, for a keypoint state dict,
 configs/torchvision_keypointrcnn_r50_fpn.py): torchvision's class space (91 ids incl. background, background first),
-stride in the 3x3 conv, FrozenBN. Every key of the state dict is consumed, or the conversion fails naming it.
+stride in the 3x3 conv, FrozenBN. torchvision's class axes already have mrcnn_jax's layout (background first, box
+deltas for every class, background included), so its predictors are copied as they are. Every key of the state dict
+is consumed, or the conversion fails naming it.
 
 A .pth is read with torch when it is installed (`load_state_dict_file`); without torch, an .npz of name -> array
 (e.g. written once with `np.savez(path, **{k: v.numpy() for k, v in sd.items()})`) works the same.

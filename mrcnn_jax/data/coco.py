@@ -22,8 +22,8 @@ Fixes and drops are counted in `CocoSource.stats` and reported once, in one summ
 rather than a log line, so that it reaches a user who has not configured logging, and tests can catch it); the
 normal summary (images kept, skipped) goes to `logging` at INFO.
 
-Images are decoded by `read_image`, the one decoder of training, evaluation and prediction (see there for 16-bit
-and other non-8-bit files).
+Images are decoded by `images.read_image`, the one decoder of training, evaluation and prediction (see there for
+16-bit and other non-8-bit files).
 
 Malformed input fails at load time with an error naming the annotation file and, where it applies, the annotation
 id: a wrong category id or keypoint length is a data bug that training must not paper over.
@@ -41,10 +41,10 @@ import os
 import warnings
 
 import numpy as np
-from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from mrcnn_jax.data.images import read_image
 from mrcnn_jax.data.records import CategoryMap, ImageRecord
 
 log = logging.getLogger(__name__)
@@ -227,83 +227,6 @@ def fixes_message(stats: dict, min_box_size: float) -> str:
   return "; ".join(parts)
 
 
-def read_image(path, expected_hw: tuple[int, int] | None = None, *, data: bytes | None = None) -> np.ndarray:
-  """Decode an image file (or its encoded bytes, `data`, with `path` naming it in messages) to (H, W, 3) uint8 RGB.
-
-  The one decoder of training, evaluation and prediction (the COCO and tfds sources, `mrcnn_jax.predict`), so a
-  file reads the same everywhere. By PIL mode:
-    RGB, L, P (palette), 1, CMYK, YCbCr, ...   converted to RGB by PIL; grey levels repeated over the channels;
-    RGBA, LA, PA, RGBa, La                     alpha dropped (not composited over a background);
-    16-bit samples                             scaled to 8 bits over the full 16-bit range by their high byte,
-                                               value >> 8 (what PIL itself does with 48-bit RGB PNGs, whose mode is
-                                               RGB): 0 -> 0, 65535 -> 255, and an 8-bit image widened by v * 257
-                                               reads back exactly. 16-bit grayscale opens as I;16 (PNG, TIFF), or as
-                                               I with 16-bit raw data (PGM);
-    I (32-bit integers), F (32-bit floats)     refused: they have no standard range to map to 8 bits (PIL's own
-                                               conversion clips everything above 255 to white).
-  The EXIF orientation is not applied: COCO's annotations refer to the stored pixel grid, as pycocotools and
-  torchvision read it. expected_hw: (height, width) from the annotation file; a decoded image of another size means
-  the annotations do not belong to it, so it is an error.
-  Raises FileNotFoundError for a missing file, IsADirectoryError for a directory, and ValueError for undecodable or
-  truncated data, an unsupported pixel format, or a wrong size; every message names the file.
-  """
-  path = os.fspath(path)
-  try:
-    with Image.open(path if data is None else io.BytesIO(data)) as img:
-      sixteen_bit = _has_16_bit_samples(img)  # from the decoder's raw mode: known only before load()
-      img.load()  # decode now: a truncated file fails here, not later inside np.asarray
-      array = _to_rgb8(img, sixteen_bit, path)
-  except FileNotFoundError:
-    raise FileNotFoundError(f"image file not found: {path}") from None
-  except IsADirectoryError:
-    raise IsADirectoryError(f"{path} is a directory, not an image file") from None
-  # PIL signals a bad file with UnidentifiedImageError / OSError (truncated data), SyntaxError (some decoders),
-  # ValueError or DecompressionBombError (absurd sizes); all mean "this file is not a usable image".
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    if isinstance(e, _UnsupportedImage):
-      raise ValueError(str(e)) from None
-    raise ValueError(f"cannot decode image file {path}: {type(e).__name__}: {e}") from e
-  if expected_hw is not None and tuple(array.shape[:2]) != tuple(expected_hw):
-    raise ValueError(f"image file {path} decodes to height x width {array.shape[0]} x {array.shape[1]}, but the "
-                     f"annotation file says {expected_hw[0]} x {expected_hw[1]}")
-  return array
-
-
-class _UnsupportedImage(ValueError):
-  """A decodable image whose pixel format `read_image` refuses (its message is the whole story)."""
-
-
-def _has_16_bit_samples(img: Image.Image) -> bool:
-  """Whether PIL decodes `img` from 16-bit samples: its mode says so (I;16...), or its raw mode does (mode I over
-  I;16 data, as PIL opens 16-bit PGM files). Call before `load()`, which empties `tile`."""
-  if img.mode.startswith("I;16"):
-    return True
-  for tile in getattr(img, "tile", None) or ():
-    args = getattr(tile, "args", None)
-    rawmode = args[0] if isinstance(args, tuple) and args else args
-    if isinstance(rawmode, str) and rawmode.startswith("I;16"):
-      return True
-  return False
-
-
-def _to_rgb8(img: Image.Image, sixteen_bit: bool, path: str) -> np.ndarray:
-  """A loaded PIL image -> (H, W, 3) uint8 RGB (the conventions of `read_image`)."""
-  if img.mode == "RGB":
-    return np.asarray(img, dtype=np.uint8)
-  if img.mode in ("I", "F") or img.mode.startswith("I;"):
-    if not sixteen_bit:
-      kind = "32-bit float" if img.mode == "F" else "32-bit integer"
-      raise _UnsupportedImage(
-          f"image file {path} has {kind} pixels (PIL mode {img.mode}), which have no standard range to map to 8 "
-          f"bits; save it with 8 or 16 bits per channel")
-    samples = np.asarray(img).astype(np.int64)  # any byte order; "I" holds the 16-bit values in 32-bit integers
-    if samples.min() < 0 or samples.max() > 0xFFFF:  # cannot happen for 16-bit raw data; kept so nothing wraps
-      raise _UnsupportedImage(f"image file {path}: 16-bit pixels outside 0..65535")
-    gray = (samples >> 8).astype(np.uint8)
-    return np.repeat(gray[..., None], 3, axis=2)
-  return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-
 def decode_masks(record: ImageRecord) -> np.ndarray:
   """The record's instance masks as full-image bitmaps: (n, H, W) uint8 in {0, 1}; (0, H, W) when n == 0.
 
@@ -353,11 +276,7 @@ def _check_dataset(dataset: dict, path: str) -> None:
 
   image_ids = set()
   for i, image in enumerate(dataset["images"]):
-    if not isinstance(image, dict) or "id" not in image:
-      raise ValueError(f"annotation file {path}: 'images' entry {i} has no 'id'")
-    for field in ("file_name", "height", "width"):
-      if field not in image:
-        raise ValueError(f"annotation file {path}: image id {image['id']} has no {field!r}")
+    _check_entry_fields(image, i, "images", "image", ("file_name", "height", "width"), path)
     if not (_is_int(image["height"]) and _is_int(image["width"]) and image["height"] > 0 and image["width"] > 0):
       raise ValueError(f"annotation file {path}: image id {image['id']} has an invalid size "
                        f"height={image['height']!r} width={image['width']!r}")
@@ -375,11 +294,7 @@ def _check_dataset(dataset: dict, path: str) -> None:
 
   annotation_ids = set()
   for i, ann in enumerate(dataset["annotations"]):
-    if not isinstance(ann, dict) or "id" not in ann:
-      raise ValueError(f"annotation file {path}: 'annotations' entry {i} has no 'id'")
-    for field in ("image_id", "category_id", "bbox"):
-      if field not in ann:
-        raise ValueError(f"annotation file {path}: annotation id {ann['id']} has no {field!r}")
+    _check_entry_fields(ann, i, "annotations", "annotation", ("image_id", "category_id", "bbox"), path)
     if ann["image_id"] not in image_ids:
       raise ValueError(f"annotation file {path}: annotation id {ann['id']} refers to image id {ann['image_id']}, "
                        "which is not in 'images'")
@@ -387,6 +302,16 @@ def _check_dataset(dataset: dict, path: str) -> None:
     if ann["id"] in annotation_ids:
       raise ValueError(f"annotation file {path}: annotation id {ann['id']} appears twice in 'annotations'")
     annotation_ids.add(ann["id"])
+
+
+def _check_entry_fields(entry, index: int, section: str, kind: str, fields: tuple[str, ...], path: str) -> None:
+  """Entry `index` of the file's `section` list must be a dict with an "id" and every one of `fields`; ValueError
+  naming the entry (by `kind` and id, once it has one) otherwise."""
+  if not isinstance(entry, dict) or "id" not in entry:
+    raise ValueError(f"annotation file {path}: {section!r} entry {index} has no 'id'")
+  for field in fields:
+    if field not in entry:
+      raise ValueError(f"annotation file {path}: {kind} id {entry['id']} has no {field!r}")
 
 
 def _resolve_num_keypoints(num_keypoints, categories, path: str) -> int | None:

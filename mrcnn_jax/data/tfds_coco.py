@@ -56,6 +56,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from mrcnn_jax.data import coco
+from mrcnn_jax.data.images import read_image
 from mrcnn_jax.data.records import CategoryMap, ImageRecord
 
 NAME = "coco_instances"
@@ -340,7 +341,7 @@ class TfdsSource:
   _data_source: object = dataclasses.field(default=None, repr=False, compare=False)
 
   def load_image(self, record: ImageRecord) -> np.ndarray:
-    """The record's image as (H, W, 3) uint8 RGB, decoded as `coco.read_image` decodes the file.
+    """The record's image as (H, W, 3) uint8 RGB, decoded as `images.read_image` decodes the file.
 
     Raises ValueError naming the image for undecodable bytes or a size other than the record's (the training loader
     skips such images, evaluation lets the error stop the run), KeyError for a record not from this split.
@@ -445,7 +446,7 @@ def _decode_record(example: dict, category_map: CategoryMap, num_keypoints, has_
 
 
 def decode_image(data: bytes, where: str, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
-  """Encoded image bytes -> (H, W, 3) uint8 RGB: `coco.read_image` on the bytes, so both sources decode alike.
+  """Encoded image bytes -> (H, W, 3) uint8 RGB: `images.read_image` on the bytes, so both sources decode alike.
   `where` names the image in error messages."""
-  return coco.read_image(where, expected_hw, data=data)
+  return read_image(where, expected_hw, data=data)
 

@@ -307,6 +307,18 @@ def train_canvas(height: int, width: int, input_cfg) -> tuple[int, int]:
   return choose_canvas(size, canvases(input_cfg))
 
 
+def resize_and_normalize(image, size_hw: Sequence[int], input_cfg) -> np.ndarray:
+  """(H, W, 3) RGB (uint8, or float in [0, 1]) -> (h, w, 3) float32, resized to size_hw and normalized with
+  input_cfg's pixel_format, pixel_scale, pixel_mean and pixel_std, in the order of input_cfg.resize_mode's framework
+  (see `preprocess`; the training examples use the same order)."""
+  mode = input_cfg.resize_mode
+  norm = dict(pixel_format=input_cfg.pixel_format, pixel_scale=input_cfg.pixel_scale,
+              pixel_mean=input_cfg.pixel_mean, pixel_std=input_cfg.pixel_std)
+  if mode == "torchvision":
+    return resize_image(normalize_image(image, **norm), size_hw, mode)
+  return normalize_image(resize_image(image, size_hw, mode), **norm)
+
+
 def preprocess(image, input_cfg, canvas_hw: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Test-time input of one image: resize, normalize and pad, in the order of the config's framework.
 
@@ -327,12 +339,7 @@ def preprocess(image, input_cfg, canvas_hw: Sequence[int] | None = None) -> tupl
   mode = input_cfg.resize_mode
   height, width = image.shape[:2]
   new_h, new_w = output_size(height, width, input_cfg.min_size_test, input_cfg.max_size_test, mode)
-  norm = dict(pixel_format=input_cfg.pixel_format, pixel_scale=input_cfg.pixel_scale,
-              pixel_mean=input_cfg.pixel_mean, pixel_std=input_cfg.pixel_std)
-  if mode == "torchvision":
-    resized = resize_image(normalize_image(image, **norm), (new_h, new_w), mode)
-  else:
-    resized = normalize_image(resize_image(image, (new_h, new_w), mode), **norm)
+  resized = resize_and_normalize(image, (new_h, new_w), input_cfg)
   if canvas_hw is None:
     canvas_hw = choose_canvas((new_h, new_w), canvases(input_cfg))
   canvas = pad_to_canvas(resized, canvas_hw)

@@ -41,14 +41,11 @@ class KeypointHead(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    b, r = x.shape[:2]
-    x = x.reshape((b * r,) + x.shape[2:]).astype(self.dtype)
-    for i in range(self.num_convs):
-      x = nn.relu(layers.conv(self.conv_dim, 3, name=f"conv{i + 1}", dtype=self.dtype)(x))
-    x = layers.conv_transpose(self.num_keypoints, 4, 2, 1, name="deconv", dtype=self.dtype)(x)
-    x = x.astype(jnp.float32)
-    x = upsample_bilinear_2x(x)
-    return x.reshape((b, r) + x.shape[1:])
+    """x (B, R, 14, 14, C) -> (B, R, 56, 56, K): the conv tower, a 4x4 stride-2 deconv to 28x28, then 2x bilinear."""
+    y = layers.roi_conv_tower(x, self.num_convs, self.conv_dim, dtype=self.dtype)
+    y = layers.conv_transpose(self.num_keypoints, 4, 2, 1, name="deconv", dtype=self.dtype)(y)
+    y = upsample_bilinear_2x(y.astype(jnp.float32))
+    return y.reshape(x.shape[:2] + y.shape[1:])
 
 
 def _linear_weights(out_size: int, in_size: int):

@@ -150,6 +150,17 @@ def conv_transpose(features: int, kernel: int, stride: int, padding: int, *, nam
   return ConvTranspose(features, kernel, stride, padding, dtype=dtype, name=name)
 
 
+def roi_conv_tower(x, num_convs: int, conv_dim: int, *, dtype=jnp.float32):
+  """The trunk of the mask and keypoint heads: (B, R, S, S, C) RoI features -> (B * R, S, S, conv_dim), the RoIs
+  flattened into one batch and put through `num_convs` 3x3 convs with ReLU, named conv1, conv2, ... in the calling
+  module (call it from a compact method; C channels out when num_convs is 0)."""
+  b, r = x.shape[:2]
+  x = x.reshape((b * r,) + x.shape[2:]).astype(dtype)
+  for i in range(num_convs):
+    x = nn.relu(conv(conv_dim, 3, name=f"conv{i + 1}", dtype=dtype)(x))
+  return x
+
+
 def max_pool(x, kernel: int, stride: int, padding: int):
   """torch's max_pool2d on NHWC (padding reads -inf)."""
   return nn.max_pool(x, (kernel, kernel), strides=(stride, stride), padding=((padding, padding), (padding, padding)))

@@ -18,13 +18,11 @@ class MaskHead(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    b, r = x.shape[:2]
-    x = x.reshape((b * r,) + x.shape[2:]).astype(self.dtype)
-    for i in range(self.num_convs):
-      x = nn.relu(layers.conv(self.conv_dim, 3, name=f"conv{i + 1}", dtype=self.dtype)(x))
-    x = nn.relu(layers.conv_transpose(self.conv_dim, 2, 2, 0, name="deconv", dtype=self.dtype)(x))
-    x = layers.conv(self.num_classes + 1, 1, name="predictor", dtype=self.dtype)(x)
-    return x.astype(jnp.float32).reshape((b, r) + x.shape[1:])
+    """x (B, R, 14, 14, C) -> (B, R, 28, 28, K+1): the conv tower, a 2x2 stride-2 deconv, one logit map per class."""
+    y = layers.roi_conv_tower(x, self.num_convs, self.conv_dim, dtype=self.dtype)
+    y = nn.relu(layers.conv_transpose(self.conv_dim, 2, 2, 0, name="deconv", dtype=self.dtype)(y))
+    y = layers.conv(self.num_classes + 1, 1, name="predictor", dtype=self.dtype)(y)
+    return y.astype(jnp.float32).reshape(x.shape[:2] + y.shape[1:])
 
 
 def select_class_masks(logits, classes):

@@ -8,7 +8,7 @@ I/O contract:
   image_info rows are [valid_h, valid_w, scale_h, scale_w, orig_h, orig_w] (see `data.transforms.preprocess`).
 - `MaskRCNN.losses(batch, key)` (train mode) -> dict of named losses (Detectron2's names: loss_rpn_cls,
   loss_rpn_loc, loss_cls, loss_box_reg, loss_mask, loss_keypoint) and total_loss; batch is the dict of fixed-shape arrays of
-  `data.pipeline.train_example` (image, image_info, gt_boxes, gt_classes, gt_valid, gt_is_crowd, gt_masks, ...).
+  `data.examples.train_example` (image, image_info, gt_boxes, gt_classes, gt_valid, gt_is_crowd, gt_masks, ...).
 
 Variables: `params` (everything trained) and `batch_stats` (frozen / running norm statistics).
 """

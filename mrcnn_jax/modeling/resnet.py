@@ -21,61 +21,64 @@ BOTTLENECK_DEPTHS = (50, 101)  # 18 and 34 use basic blocks (two 3x3 convs), for
 STAGE_WIDTHS = (64, 128, 256, 512)  # block widths of res2..res5 at width=64; bottleneck outputs are 4x wider
 
 
-class Bottleneck(nn.Module):
+class _Block(nn.Module):
+  """What the two residual blocks share: their settings, their norm layers and the projection shortcut."""
+
   width: int
   stride: int
-  stride_in_1x1: bool
   norm: str
   norm_eps: float
   train: bool = False
   dtype: jnp.dtype = jnp.float32
+
+  def _norm(self, name: str) -> nn.Module:
+    return layers.make_norm(self.norm, train=self.train, eps=self.norm_eps, name=name, dtype=self.dtype)
+
+  def _shortcut(self, x, features: int):
+    """x itself, or a strided 1x1 conv and its norm where the block changes the channels or the resolution."""
+    if x.shape[-1] == features and self.stride == 1:
+      return x
+    shortcut = layers.conv(features, 1, stride=self.stride, use_bias=False, name="shortcut_conv", dtype=self.dtype)(x)
+    return self._norm("shortcut_norm")(shortcut)
+
+
+class Bottleneck(_Block):
+  """1x1, 3x3 and 1x1 convs with a residual (ResNet-50/101), 4 * width outputs; the stride in the first 1x1 conv
+  (`stride_in_1x1`, MSRA weights) or in the 3x3 (torchvision's)."""
+
+  stride_in_1x1: bool = True
 
   @nn.compact
   def __call__(self, x, frames=None, stride_in: int = 1):
     """x (B, H, W, C) at stride `stride_in` of the image; frames: (B, 2) int32 or None (see `ResNet`)."""
     out_features = 4 * self.width
     s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
-    norm = lambda name: layers.make_norm(self.norm, train=self.train, eps=self.norm_eps, name=name, dtype=self.dtype)  # noqa: E731
-    shortcut = x
-    if x.shape[-1] != out_features or self.stride != 1:
-      shortcut = layers.conv(out_features, 1, stride=self.stride, use_bias=False, name="shortcut_conv",
-                             dtype=self.dtype)(x)
-      shortcut = norm("shortcut_norm")(shortcut)
+    shortcut = self._shortcut(x, out_features)
     y = layers.conv(self.width, 1, stride=s1, use_bias=False, name="conv1", dtype=self.dtype)(x)
-    y = nn.relu(norm("norm1")(y))
+    y = nn.relu(self._norm("norm1")(y))
     y = frame_ops.mask_to_frame(y, frames, stride_in * s1)  # the 3x3 conv reads zeros past the frame
     y = layers.conv(self.width, 3, stride=s3, use_bias=False, name="conv2", dtype=self.dtype)(y)
-    y = nn.relu(norm("norm2")(y))
+    y = nn.relu(self._norm("norm2")(y))
     y = layers.conv(out_features, 1, use_bias=False, name="conv3", dtype=self.dtype)(y)
-    y = norm("norm3")(y)
+    y = self._norm("norm3")(y)
     return nn.relu(y + shortcut)
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(_Block):
   """Two 3x3 convs with a residual (ResNet-18/34), the stride in the first."""
-
-  width: int
-  stride: int
-  norm: str
-  norm_eps: float
-  train: bool = False
-  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, frames=None, stride_in: int = 1):
     """x (B, H, W, C) at stride `stride_in` of the image; frames: (B, 2) int32 or None (see `ResNet`)."""
-    norm = lambda name: layers.make_norm(self.norm, train=self.train, eps=self.norm_eps, name=name, dtype=self.dtype)  # noqa: E731
     shortcut = x
     x = frame_ops.mask_to_frame(x, frames, stride_in)
     if x.shape[-1] != self.width or self.stride != 1:
-      shortcut = layers.conv(self.width, 1, stride=self.stride, use_bias=False, name="shortcut_conv",
-                             dtype=self.dtype)(x)
-      shortcut = norm("shortcut_norm")(shortcut)
+      shortcut = self._shortcut(x, self.width)
     y = layers.conv(self.width, 3, stride=self.stride, use_bias=False, name="conv1", dtype=self.dtype)(x)
-    y = nn.relu(norm("norm1")(y))
+    y = nn.relu(self._norm("norm1")(y))
     y = frame_ops.mask_to_frame(y, frames, stride_in * self.stride)
     y = layers.conv(self.width, 3, use_bias=False, name="conv2", dtype=self.dtype)(y)
-    return nn.relu(norm("norm2")(y) + shortcut)
+    return nn.relu(self._norm("norm2")(y) + shortcut)
 
 
 class ResNet(nn.Module):
@@ -115,11 +118,12 @@ class ResNet(nn.Module):
       width = width * self.width // 64
       for i in range(num_blocks):
         stride = 2 if (i == 0 and level > 2) else 1
+        settings = dict(width=width, stride=stride, norm=self.norm, norm_eps=self.norm_eps, train=self.train,
+                        dtype=self.dtype, name=f"res{level}_{i}")
         if self.depth in BOTTLENECK_DEPTHS:
-          block = Bottleneck(width, stride, self.stride_in_1x1, self.norm, self.norm_eps, self.train, self.dtype,
-                             name=f"res{level}_{i}")
+          block = Bottleneck(stride_in_1x1=self.stride_in_1x1, **settings)
         else:
-          block = BasicBlock(width, stride, self.norm, self.norm_eps, self.train, self.dtype, name=f"res{level}_{i}")
+          block = BasicBlock(**settings)
         x = block(x, frames, 2 ** (level - 1) if (i == 0 and level > 2) else 2 ** level)
       if self.freeze_at >= level:
         x = jax.lax.stop_gradient(x)

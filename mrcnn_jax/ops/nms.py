@@ -89,32 +89,14 @@ def _nms_core(boxes, scores, classes, threshold, valid, *, max_output_size, tile
   if n == 0 or k == 0:
     return jnp.full((k,), -1, jnp.int32)
 
-  # NaN > -inf is False, so this also drops NaN scores.
-  is_valid = scores > -jnp.inf
-  if valid is not None:
-    is_valid = is_valid & jnp.asarray(valid, bool)
-  num_valid = jnp.sum(is_valid, dtype=jnp.int32)
-
-  # One stable ascending sort of -score puts equal scores in index order, as torchvision's CPU kernel does, and
-  # sends padding (key +inf) to the end, so the valid boxes are a prefix of the sorted order.
-  key = jnp.where(is_valid, -scores.astype(jnp.float32), jnp.inf)
-  order = jnp.argsort(key, stable=True).astype(jnp.int32)
-
   tile = max(1, min(int(tile_size), n))
   num_tiles = -(-n // tile)
-  pad = num_tiles * tile - n
-  sorted_boxes = jnp.pad(boxes[order], ((0, pad), (0, 0)))
-  sorted_classes = None if classes is None else jnp.pad(jnp.asarray(classes, jnp.int32)[order], (0, pad))
-  order = jnp.pad(order, (0, pad), constant_values=-1)
-
+  sorted_boxes, sorted_classes, order, num_valid = _sort_by_score(boxes, scores, classes, valid, num_tiles * tile)
   # The buffer of kept boxes is read in chunks so that a tile is compared with the filled rows only: the work is
   # about tile x (boxes kept so far), not tile x max_output_size.
   chunk = min(tile, k)
   buffer_size = -(-k // chunk) * chunk
   in_tile = jnp.arange(tile, dtype=jnp.int32)
-  in_chunk = jnp.arange(chunk, dtype=jnp.int32)
-  # Within a tile, box i can only be suppressed by an earlier box j < i.
-  earlier = in_tile[:, None] > in_tile[None, :]
 
   def process_tile(state):
     t, count, kept_boxes, kept_classes, kept_index = state
@@ -122,39 +104,10 @@ def _nms_core(boxes, scores, classes, threshold, valid, *, max_output_size, tile
     tile_boxes = lax.dynamic_slice_in_dim(sorted_boxes, start, tile)
     tile_valid = (start + in_tile) < num_valid
     tile_classes = None if sorted_classes is None else lax.dynamic_slice_in_dim(sorted_classes, start, tile)
-
-    # (1) Suppressed by a box kept in an earlier tile. Stops early once every box of the tile is suppressed.
-    def compare_chunk(carry):
-      c, suppressed = carry
-      chunk_start = c * chunk
-      chunk_boxes = lax.dynamic_slice_in_dim(kept_boxes, chunk_start, chunk)
-      over = (box_iou(tile_boxes, chunk_boxes) > threshold) & ((chunk_start + in_chunk) < count)[None, :]
-      if tile_classes is not None:
-        chunk_classes = lax.dynamic_slice_in_dim(kept_classes, chunk_start, chunk)
-        over = over & (tile_classes[:, None] == chunk_classes[None, :])
-      return c + 1, suppressed | jnp.any(over, axis=1)
-
-    def more_chunks(carry):
-      c, suppressed = carry
-      return (c * chunk < count) & jnp.any(tile_valid & ~suppressed)
-
-    _, suppressed = lax.while_loop(more_chunks, compare_chunk, (jnp.int32(0), ~tile_valid))
-    candidate = ~suppressed
-
-    # (2) Suppression inside the tile. Greedy NMS keeps i iff i is a candidate and no kept j < i overlaps it. As the
-    # relation only looks at earlier boxes, x <- candidate & ~any(A & x) has a unique fixed point (box i settles by
-    # step i), so iterating until nothing changes gives the greedy answer, usually in a few steps.
-    a = (box_iou(tile_boxes, tile_boxes) > threshold) & earlier
-    if tile_classes is not None:
-      a = a & (tile_classes[:, None] == tile_classes[None, :])
-
-    def settle(carry):
-      keep, _ = carry
-      new_keep = candidate & ~jnp.any(a & keep[None, :], axis=1)
-      return new_keep, jnp.any(new_keep != keep)
-
-    keep, _ = lax.while_loop(lambda carry: carry[1], settle, (candidate, jnp.array(True)))
-
+    # (1) Suppressed by a box kept in an earlier tile; (2) greedy suppression inside the tile.
+    suppressed = _suppressed_by_kept(tile_boxes, tile_classes, tile_valid, kept_boxes, kept_classes, count,
+                                     threshold, chunk)
+    keep = _greedy_in_tile(tile_boxes, tile_classes, ~suppressed, threshold)
     # (3) Append the survivors in order; positions past the buffer are dropped by the scatter.
     slot = count + jnp.cumsum(keep, dtype=jnp.int32) - 1
     slot = jnp.where(keep & (slot < k), slot, buffer_size)
@@ -177,3 +130,75 @@ def _nms_core(boxes, scores, classes, threshold, valid, *, max_output_size, tile
       jnp.full((buffer_size,), -1, jnp.int32),
   )
   return lax.while_loop(more_to_do, process_tile, init)[-1][:k]
+
+
+def _sort_by_score(boxes, scores, classes, valid, padded_size: int):
+  """The boxes (and classes) in decreasing score order, padded to `padded_size` rows.
+
+  Returns (sorted_boxes (P, 4), sorted_classes (P,) int32 or None, order (P,) int32: the input index of each row, -1
+  in the padding, num_valid () int32: the valid boxes, which are the first rows).
+  """
+  n = boxes.shape[0]
+  # NaN > -inf is False, so this also drops NaN scores.
+  is_valid = scores > -jnp.inf
+  if valid is not None:
+    is_valid = is_valid & jnp.asarray(valid, bool)
+  num_valid = jnp.sum(is_valid, dtype=jnp.int32)
+
+  # One stable ascending sort of -score puts equal scores in index order, as torchvision's CPU kernel does, and
+  # sends padding (key +inf) to the end, so the valid boxes are a prefix of the sorted order.
+  key = jnp.where(is_valid, -scores.astype(jnp.float32), jnp.inf)
+  order = jnp.argsort(key, stable=True).astype(jnp.int32)
+
+  pad = padded_size - n
+  sorted_boxes = jnp.pad(boxes[order], ((0, pad), (0, 0)))
+  sorted_classes = None if classes is None else jnp.pad(jnp.asarray(classes, jnp.int32)[order], (0, pad))
+  order = jnp.pad(order, (0, pad), constant_values=-1)
+  return sorted_boxes, sorted_classes, order, num_valid
+
+
+def _suppressed_by_kept(tile_boxes, tile_classes, tile_valid, kept_boxes, kept_classes, count, threshold,
+                        chunk: int):
+  """(T,) bool: which boxes of the tile are padding or overlap (IoU > threshold, same class) one of the first `count`
+  kept boxes. Reads the kept buffer `chunk` rows at a time, and stops once the filled rows are read or every box of
+  the tile is suppressed."""
+  in_chunk = jnp.arange(chunk, dtype=jnp.int32)
+
+  def compare_chunk(carry):
+    c, suppressed = carry
+    chunk_start = c * chunk
+    chunk_boxes = lax.dynamic_slice_in_dim(kept_boxes, chunk_start, chunk)
+    over = (box_iou(tile_boxes, chunk_boxes) > threshold) & ((chunk_start + in_chunk) < count)[None, :]
+    if tile_classes is not None:
+      chunk_classes = lax.dynamic_slice_in_dim(kept_classes, chunk_start, chunk)
+      over = over & (tile_classes[:, None] == chunk_classes[None, :])
+    return c + 1, suppressed | jnp.any(over, axis=1)
+
+  def more_chunks(carry):
+    c, suppressed = carry
+    return (c * chunk < count) & jnp.any(tile_valid & ~suppressed)
+
+  _, suppressed = lax.while_loop(more_chunks, compare_chunk, (jnp.int32(0), ~tile_valid))
+  return suppressed
+
+
+def _greedy_in_tile(tile_boxes, tile_classes, candidate, threshold):
+  """(T,) bool: the candidates that greedy NMS keeps within the tile, visiting its boxes in order.
+
+  Greedy NMS keeps i iff i is a candidate and no kept j < i overlaps it. As the relation only looks at earlier
+  boxes, x <- candidate & ~any(A & x) has a unique fixed point (box i settles by step i), so iterating until nothing
+  changes gives the greedy answer, usually in a few steps.
+  """
+  in_tile = jnp.arange(tile_boxes.shape[0], dtype=jnp.int32)
+  earlier = in_tile[:, None] > in_tile[None, :]  # box i can only be suppressed by an earlier box j < i
+  a = (box_iou(tile_boxes, tile_boxes) > threshold) & earlier
+  if tile_classes is not None:
+    a = a & (tile_classes[:, None] == tile_classes[None, :])
+
+  def settle(carry):
+    keep, _ = carry
+    new_keep = candidate & ~jnp.any(a & keep[None, :], axis=1)
+    return new_keep, jnp.any(new_keep != keep)
+
+  keep, _ = lax.while_loop(lambda carry: carry[1], settle, (candidate, jnp.array(True)))
+  return keep

@@ -251,7 +251,7 @@ def _train_item(item, ctx, args, emit) -> None:
   from jax.sharding import NamedSharding, PartitionSpec
 
   from mrcnn_jax import mesh as mesh_lib
-  from mrcnn_jax import train
+  from mrcnn_jax import train, train_state
   from mrcnn_jax.data import pipeline
   from mrcnn_jax.modeling import mask_rcnn
 
@@ -261,7 +261,7 @@ def _train_item(item, ctx, args, emit) -> None:
   variables = _random_variables(config)
   params = variables["params"]
   state = train.TrainState(step=np.zeros((), np.int32), params=params, batch_stats=variables.get("batch_stats", {}),
-                           opt_state=train.make_optimizer(config).init(params))
+                           opt_state=train_state.make_optimizer(config).init(params))
   state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
   batch = pipeline.to_global_batch(_train_batch(config, b, s["image"], s["instances"], np.random.default_rng(0)), mesh)
   step = train.jit_train_step(config, mask_rcnn.build_model(config, train=True), mesh)

@@ -10,6 +10,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from mrcnn_jax.data import coco as coco_lib
+from mrcnn_jax.data.images import read_image
 from mrcnn_jax.data.records import ImageRecord
 
 # Ids with gaps, listed out of order: labels follow increasing id (1 -> 1, 3 -> 2, 90 -> 3).
@@ -479,7 +480,7 @@ def test_16_bit_images_read_as_the_8_bit_image_they_were_made_from(tmp_path, kin
     assert img.mode in ("I;16", "I;16B", "I", "RGB", "RGBA")  # the 16-bit modes PIL opens these files in
   source = coco_lib.load_coco(path, image_dir, train=True)
   np.testing.assert_array_equal(source.load_image(source.records[0]), expected)
-  np.testing.assert_array_equal(coco_lib.read_image(file), expected)  # the decoder predict uses
+  np.testing.assert_array_equal(read_image(file), expected)  # the decoder predict uses
 
 
 @pytest.mark.parametrize("mode, dtype", [("I", np.int32), ("F", np.float32)])
@@ -487,7 +488,7 @@ def test_32_bit_images_are_refused_naming_the_file_and_the_mode(tmp_path, mode, 
   file = tmp_path / "deep.tif"
   Image.fromarray(np.full((4, 5), 1000, dtype)).save(file)
   with pytest.raises(ValueError, match=rf"image file {file} has 32-bit .* \(PIL mode {mode}\).* 8 or 16 bits"):
-    coco_lib.read_image(file)
+    read_image(file)
 
 
 def test_palette_image_reads_its_colours(tmp_path):
@@ -497,12 +498,12 @@ def test_palette_image_reads_its_colours(tmp_path):
   Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=4).save(tmp_path / "p.png")
   with Image.open(tmp_path / "p.png") as img:
     assert img.mode == "P"
-  np.testing.assert_array_equal(coco_lib.read_image(tmp_path / "p.png"), rgb)
+  np.testing.assert_array_equal(read_image(tmp_path / "p.png"), rgb)
 
 
 def test_a_directory_is_not_an_image(tmp_path):
   with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a directory, not an image file"):
-    coco_lib.read_image(tmp_path)
+    read_image(tmp_path)
 
 
 def test_image_pixels_are_kept_exactly(tmp_path):

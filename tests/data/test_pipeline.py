@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from pycocotools import mask as mask_utils
 
 from conftest import load_config  # tests/conftest.py, on sys.path through pytest's rootdir conftest
-from mrcnn_jax.data import pipeline, transforms
+from mrcnn_jax.data import examples, pipeline, transforms
 from mrcnn_jax.data.records import ImageRecord
 
 # pycocotools' decode trips numpy 2's __array__(copy=...) deprecation; harmless, and not ours to fix.
@@ -110,7 +110,7 @@ def _tall_example(flip, **cfg_overrides):
   record = _record(7, TALL_HW, [TALL_BOX], classes=[5], masks=[_rle(mask)])
   image = np.random.default_rng(1).integers(0, 256, size=TALL_HW + (3,), dtype=np.uint8)
   cfg = _input_cfg(**cfg_overrides)
-  return record, image, cfg, pipeline.transform_train_example(record, image, cfg, short_side=64, flip=flip)
+  return record, image, cfg, examples.transform_train_example(record, image, cfg, short_side=64, flip=flip)
 
 
 @pytest.mark.parametrize("mode", ["detectron2", "torchvision"])
@@ -146,7 +146,7 @@ def test_mask_crops_inside_own_box_follow_the_flip():
   record = _record(1, TALL_HW, [TALL_BOX], masks=[_rle(_rect_mask(TALL_HW, TALL_BOX))])
   image = np.zeros(TALL_HW + (3,), np.uint8)
   for flip in (False, True):
-    ex = pipeline.transform_train_example(record, image, _input_cfg(), short_side=64, flip=flip)
+    ex = examples.transform_train_example(record, image, _input_cfg(), short_side=64, flip=flip)
     np.testing.assert_array_equal(ex["gt_masks"][0], 255)
 
 
@@ -157,8 +157,8 @@ def test_keypoints_scaled_flipped_and_swapped_by_the_flip_map():
   record = _record(3, TALL_HW, [TALL_BOX, [5, 5, 45, 95]], keypoints=kps)
   image = np.zeros(TALL_HW + (3,), np.uint8)
   cfg = _input_cfg(num_keypoints=3, keypoint_flip_map=((1, 2),))
-  plain = pipeline.transform_train_example(record, image, cfg, short_side=64, flip=False)
-  flipped = pipeline.transform_train_example(record, image, cfg, short_side=64, flip=True)
+  plain = examples.transform_train_example(record, image, cfg, short_side=64, flip=False)
+  flipped = examples.transform_train_example(record, image, cfg, short_side=64, flip=True)
   s = 1.28
   expected_plain = [[[20 * s, 30 * s, 2], [10 * s, 40 * s, 2], [40 * s, 44 * s, 1]],
                     [[0, 0, 0], [30 * s, 50 * s, 2], [0, 0, 0]]]
@@ -170,13 +170,48 @@ def test_keypoints_scaled_flipped_and_swapped_by_the_flip_map():
   np.testing.assert_array_equal(flipped["gt_keypoints"][2:], 0)
 
 
+
+@pytest.mark.parametrize("config_name, offset", [("keypoint_rcnn_R50_FPN_1x", 0.5),
+                                                 ("torchvision_keypointrcnn_r50_fpn", 0.0)])
+def test_training_keypoints_carry_the_configs_coordinate_offset(config_name, offset):
+  """The trainer's input (`train._training_input`, the loader it builds from the config) adds
+  model.keypoint_head.coordinate_offset to the annotated x and y before resizing: Detectron2's load_coco_json
+  adds 0.5 to COCO's pixel indices, torchvision keeps them. Nose (20, 30) and left eye (49, 99), the image's last
+  pixel, in a 100 x 50 image resized by 1.28; a flip mirrors x in the 64 px wide image and swaps the eyes."""
+  from mrcnn_jax import train  # pylint: disable=import-outside-toplevel
+
+  config = load_config(config_name)
+  config.input.update(dict(min_size_train=(64,), max_size_train=128, canvases=((128, 128),), max_instances=4))
+  config.train.update(dict(batch_size=1, num_workers=0))
+  keypoints = np.zeros((1, 17, 3), np.float32)
+  keypoints[0, 0] = (20, 30, 2)
+  keypoints[0, 1] = (49, 99, 1)
+  record = _record(3, TALL_HW, [TALL_BOX], keypoints=keypoints)
+  source = FakeSource([record], {record.file_name: np.zeros(TALL_HW + (3,), np.uint8)})
+  batches = train._training_input(config, source)
+  seen = set()
+  for _ in range(6):  # the loader's own draws decide each flip: see both
+    batch = next(batches)
+    kp, box = batch["gt_keypoints"][0, 0], batch["gt_boxes"][0, 0]
+    flipped = not np.allclose(box, [12.8, 25.6, 53.76, 87.04], atol=1e-4)
+    seen.add(flipped)
+    nose = ((20 + offset) * 1.28, (30 + offset) * 1.28)
+    eye = ((49 + offset) * 1.28, (99 + offset) * 1.28)  # 63.36, 127.36 with 0.5: inside the 64 x 128 image
+    if flipped:
+      expected = {0: (64 - nose[0], nose[1], 2), 2: (64 - eye[0], eye[1], 1)}  # the left eye is now the right one
+    else:
+      expected = {0: (nose[0], nose[1], 2), 1: (eye[0], eye[1], 1)}
+    for j in range(17):
+      np.testing.assert_allclose(kp[j], expected.get(j, (0, 0, 0)), rtol=0, atol=1e-4, err_msg=f"{flipped} {j}")
+  assert seen == {False, True}
+
 def test_keeps_the_largest_instances_crowd_last_and_counts_the_dropped():
   hw = (100, 100)
   # Areas: 100, 400 (crowd), 900, 49, 196.
   boxes = [[0, 0, 10, 10], [0, 0, 20, 20], [0, 0, 30, 30], [0, 0, 7, 7], [0, 0, 14, 14]]
   record = _record(5, hw, boxes, classes=[1, 2, 3, 4, 5], is_crowd=[0, 1, 0, 0, 0])
   image = np.zeros(hw + (3,), np.uint8)
-  ex = pipeline.transform_train_example(record, image, _input_cfg(max_instances=3), short_side=64, flip=False)
+  ex = examples.transform_train_example(record, image, _input_cfg(max_instances=3), short_side=64, flip=False)
   # The 3 largest non-crowd (900, 196, 100), in annotation order; the larger crowd box had no room left.
   np.testing.assert_array_equal(ex["gt_classes"], [1, 3, 5])
   np.testing.assert_array_equal(ex["gt_valid"], [True, True, True])
@@ -185,7 +220,7 @@ def test_keeps_the_largest_instances_crowd_last_and_counts_the_dropped():
   assert ex["num_dropped"] == 2
 
   # With room to spare the crowd box stays, flagged.
-  ex = pipeline.transform_train_example(record, image, _input_cfg(max_instances=8), short_side=64, flip=False)
+  ex = examples.transform_train_example(record, image, _input_cfg(max_instances=8), short_side=64, flip=False)
   np.testing.assert_array_equal(ex["gt_classes"], [1, 2, 3, 4, 5, 0, 0, 0])
   np.testing.assert_array_equal(ex["gt_is_crowd"][:5], [False, True, False, False, False])
   np.testing.assert_array_equal(ex["gt_valid"], [True] * 5 + [False] * 3)
@@ -204,7 +239,7 @@ def test_fixed_shapes_and_dtypes_with_and_without_instances():
   source = _make_source(2)
   cases = [(empty, np.zeros((70, 90, 3), np.uint8)), (source.records[0], source.load_image(source.records[0]))]
   for record, image in cases:
-    ex = pipeline.train_example(record, image, cfg, np.random.default_rng(0))
+    ex = examples.train_example(record, image, cfg, np.random.default_rng(0))
     assert {k: (v.shape, v.dtype) for k, v in ex.items()} == expected
     assert ex["image_id"] == record.image_id
   assert not ex["gt_valid"][3:].any() and ex["gt_valid"][: source.records[0].num_instances].all()
@@ -216,8 +251,8 @@ def test_random_choices_are_reproducible_and_cover_sizes_and_flips():
   cfg = _input_cfg()
   seen = set()
   for seed in range(16):
-    a = pipeline.train_example(record, image, cfg, np.random.default_rng(seed))
-    b = pipeline.train_example(record, image, cfg, np.random.default_rng(seed))
+    a = examples.train_example(record, image, cfg, np.random.default_rng(seed))
+    b = examples.train_example(record, image, cfg, np.random.default_rng(seed))
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
     short = int(min(a["image_info"][:2]))
@@ -230,7 +265,7 @@ def test_random_choices_are_reproducible_and_cover_sizes_and_flips():
 def test_size_mismatch_names_the_file():
   record = _record(1, (50, 60), [[1, 1, 9, 9]])
   with pytest.raises(ValueError, match="img_1.png"):
-    pipeline.train_example(record, np.zeros((60, 50, 3), np.uint8), _input_cfg(), np.random.default_rng(0))
+    examples.train_example(record, np.zeros((60, 50, 3), np.uint8), _input_cfg(), np.random.default_rng(0))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -289,7 +324,7 @@ def test_augmentation_depends_on_record_and_epoch_not_on_sharding():
     np.testing.assert_array_equal(got[image_id], image)
   # The oracle: each example's rng is default_rng([seed, record index, epoch]) (epoch 0 here, seed 0).
   for index, record in enumerate(source.records):
-    expected = pipeline.train_example(record, source.load_image(record), _input_cfg(),
+    expected = examples.train_example(record, source.load_image(record), _input_cfg(),
                                       np.random.default_rng([0, index, 0]))
     np.testing.assert_array_equal(got[record.image_id], expected["image"])
 

@@ -15,6 +15,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from mrcnn_jax.data import coco, shapes, tfds_coco
+from mrcnn_jax.data.images import read_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -93,7 +94,7 @@ def test_source_pickles_for_loader_workers(shapes_set, shapes_tfds):
   clone = pickle.loads(pickle.dumps(source))
   assert clone._data_source is None  # reopened on first use, in the worker
   record = clone.records[-1]
-  np.testing.assert_array_equal(clone.load_image(record), coco.read_image(paths["val_images"] / record.file_name))
+  np.testing.assert_array_equal(clone.load_image(record), read_image(paths["val_images"] / record.file_name))
 
 
 def test_prepare_and_read_without_tensorflow(shapes_set, tmp_path):
