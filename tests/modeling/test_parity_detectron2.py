@@ -28,7 +28,6 @@ torch = pytest.importorskip("torch", reason="torch runs the transcribed Detectro
 torchvision = pytest.importorskip("torchvision", reason="torchvision's network body and ops serve the oracle")
 
 SIZES = {"640x480": (480, 640), "480x640": (640, 480)}
-pytestmark = pytest.mark.xdist_group("parity_detectron2")
 PIXEL_MEAN_BGR = (103.53, 116.28, 123.675)
 
 

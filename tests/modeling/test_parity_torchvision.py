@@ -42,8 +42,6 @@ def _params(kind, names=tuple(SIZES)):
   return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW[kind] else n for n in names]
 
 
-# One worker builds this module's fixtures (pytest-xdist's loadgroup; see pyproject.toml).
-pytestmark = pytest.mark.xdist_group("parity_torchvision")
 
 
 def _spread_weights(model, seed, images):
