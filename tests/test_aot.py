@@ -147,7 +147,7 @@ def test_search_max_batch_finds_the_largest_fit_in_few_compiles(monkeypatch, sta
     return {"memory": {"total": total, "aliased": state_and_code / 2, "generated_code": state_and_code / 2},
             "batch_per_chip": batch, "hbm": target.hbm}
 
-  monkeypatch.setattr(aot, "compile_program", fake_compile)
+  monkeypatch.setattr(aot.compile, "compile_program", fake_compile)  # the module search_max_batch looks it up in
   target = aot.Target("fake", [None] * 4, "fake chip", int(hbm_gib * aot.GiB), None)
   found = aot.search_max_batch(None, target, (64, 64), start=start)
   assert found["max_batch_per_chip"] == expected
@@ -244,7 +244,7 @@ def test_cli_refuses_an_unknown_topology_in_one_line():
 
 
 def test_without_libtpu_the_refusal_is_one_line(monkeypatch):
-  monkeypatch.setattr(aot, "libtpu_installed", lambda: False)
+  monkeypatch.setattr(aot.topology, "libtpu_installed", lambda: False)  # where topology_devices looks it up
   with pytest.raises(aot.AotUnavailable, match="libtpu is not installed") as info:
     aot.topology_devices(TOPOLOGY)
   assert "\n" not in str(info.value)
