@@ -115,7 +115,7 @@ def _fine_tuning_source(config) -> dict | None:
   saved = checkpoint.load_saved_config(config.init_from)
   if not saved or not isinstance(saved.get("model"), dict):
     raise ValueError(f"init_from={config.init_from} carries no config to take the model from; give a config of "
-                     "its architecture (e.g. configs/torchvision_maskrcnn_r50_fpn.py) instead of custom_coco.py")
+                     "its architecture (e.g. configs/mask_rcnn_R50_FPN_torchvision.py) instead of custom_coco.py")
   return saved
 
 

@@ -219,7 +219,8 @@ def _training_input(config, source):
   check_training_source(config, source)
   loader = pipeline.make_train_loader(source, config.input, global_batch_size=tc.batch_size, seed=tc.seed,
                                       num_workers=tc.num_workers,
-                                      keypoint_offset=examples.keypoint_coordinate_offset(config))
+                                      keypoint_offset=examples.keypoint_coordinate_offset(config),
+                                      label_map=_training_label_map(config, source))
   return iter(loader)
 
 
@@ -287,6 +288,15 @@ def _save_checkpoint(ckpt, step: int, state: TrainState, data_iter, config) -> N
     raise FloatingPointError(f"the parameters are not finite after step {step} (an update overflowed them: "
                              f"lower train.base_lr, or set train.clip_grad_norm); not saved: {_last_good(ckpt)}")
   ckpt.save(step, state, data_state=data_iter.get_state(), config=config, force=True)
+
+
+def _training_label_map(config, source):
+  """None when the model's labels are the source's contiguous 1..K; for a model in COCO's category-id label space
+  (model.label_space "coco_ids", torchvision's 91 slots) the map from each contiguous label to its category id."""
+  category_map = getattr(source, "category_map", None)
+  if config.model.label_space != "coco_ids" or category_map is None:
+    return None
+  return category_map.label_to_category_id
 
 
 def _close_run(preemption, data_iter, writer, ckpt) -> None:

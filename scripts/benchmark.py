@@ -17,7 +17,7 @@ Groups (one module each in scripts/bench/):
          2: torchvision's maskrcnn_resnet50_fpn / keypointrcnn_resnet50_fpn (score threshold 0 for the keypoint
          model) with random weights spread so that they return 100 detections per image (the mask and keypoint
          heads work on all of them), converted with convert_state_dict and run with the shipped
-         configs/torchvision_maskrcnn_r50_fpn.py / torchvision_keypointrcnn_r50_fpn.py (score threshold 0 for the
+         configs/mask_rcnn_R50_FPN_torchvision.py / keypoint_rcnn_R50_FPN_torchvision.py (score threshold 0 for the
          keypoints too), on the canvas each picks (noted per row). Timed on both sides: the model on the padded
          batch, without transform and postprocess (torchvision: backbone + rpn + roi_heads, keypoint decoding
          included; mrcnn_jax: the jitted `build_infer`, NHWC). Each side runs in its own subprocess, so that its peak

@@ -7,7 +7,7 @@ Usage:
       [--config configs/mask_rcnn_R50_FPN_1x.py[:arg]] [--overwrite]
 
 torchvision: a .pth (read with torch) or an .npz of name -> array; the default config is
-configs/torchvision_maskrcnn_r50_fpn.py, or configs/torchvision_keypointrcnn_r50_fpn.py for a keypoint state dict.
+configs/mask_rcnn_R50_FPN_torchvision.py, or configs/keypoint_rcnn_R50_FPN_torchvision.py for a keypoint state dict.
 detectron2: a model-zoo .pkl (read without torch); the default config is configs/mask_rcnn_R50_FPN_1x.py, or
 configs/keypoint_rcnn_R50_FPN_1x.py for a keypoint model. An MSRA ImageNet backbone (R-50.pkl, R-101.pkl: Caffe2
 names) converts to the backbone alone, of the config's depth (pass configs/mask_rcnn_R101_FPN_3x.py for R-101.pkl), and
@@ -35,7 +35,7 @@ SOURCES = ("torchvision", "detectron2")
 
 # Per source: (default config, keypoint-model config). A state dict holding keypoint-head keys is a Keypoint R-CNN.
 DEFAULT_CONFIGS = {
-    "torchvision": ("torchvision_maskrcnn_r50_fpn.py", "torchvision_keypointrcnn_r50_fpn.py"),
+    "torchvision": ("mask_rcnn_R50_FPN_torchvision.py", "keypoint_rcnn_R50_FPN_torchvision.py"),
     "detectron2": ("mask_rcnn_R50_FPN_1x.py", "keypoint_rcnn_R50_FPN_1x.py"),
 }
 KEYPOINT_PREFIX = "roi_heads.keypoint_head."

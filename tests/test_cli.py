@@ -7,10 +7,11 @@ import subprocess
 import sys
 
 from mrcnn_jax import cli
+from conftest import command_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "mask_rcnn_R50_FPN_1x.py"
-ENV = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+ENV = command_env()
 
 
 def _commands(tmp_path):

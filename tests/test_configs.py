@@ -18,10 +18,10 @@ NAMES = (
     "mask_rcnn_R50_FPN_3x",
     "mask_rcnn_R101_FPN_3x",
     "keypoint_rcnn_R50_FPN_1x",
-    "torchvision_maskrcnn_r50_fpn",
-    "torchvision_keypointrcnn_r50_fpn",
+    "mask_rcnn_R50_FPN_torchvision",
+    "keypoint_rcnn_R50_FPN_torchvision",
 )
-TORCHVISION = ("torchvision_maskrcnn_r50_fpn", "torchvision_keypointrcnn_r50_fpn")
+TORCHVISION = ("mask_rcnn_R50_FPN_torchvision", "keypoint_rcnn_R50_FPN_torchvision")
 
 # ml_collections loads config files with the deprecated SourceFileLoader.load_module; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
@@ -235,7 +235,7 @@ VARIANTS = {
         "model.num_classes": 1, "model.class_names": ("person",), "model.rpn.post_nms_topk_train": 1500,
         "model.roi_heads.smooth_l1_beta": 0.5,
         "model.mask_head.enabled": False, "model.keypoint_head.enabled": True}),
-    "torchvision_maskrcnn_r50_fpn": (BASE, {
+    "mask_rcnn_R50_FPN_torchvision": (BASE, {
         "model.num_classes": 90, "model.label_space": "coco_ids", "model.class_names": TV_COCO_NAMES,
         "model.loss_convention": "torchvision",
         "model.backbone.stride_in_1x1": False,
@@ -250,7 +250,7 @@ VARIANTS = {
         "train.weight_decay_norm": 1e-4, "train.weight_decay_bias": 1e-4, "train.max_iter": 26 * TV_EPOCH,
         "train.steps": (16 * TV_EPOCH, 22 * TV_EPOCH), "train.checkpoint_every": TV_EPOCH,
         "train.eval_every": TV_EPOCH}),
-    "torchvision_keypointrcnn_r50_fpn": ("torchvision_maskrcnn_r50_fpn", {
+    "keypoint_rcnn_R50_FPN_torchvision": ("mask_rcnn_R50_FPN_torchvision", {
         "model.num_classes": 1, "model.class_names": ("person",), "model.mask_head.enabled": False,
         "model.keypoint_head.enabled": True, "model.keypoint_head.min_visible_per_image": 10,
         "input.min_size_train": (640, 672, 704, 736, 768, 800),
@@ -284,8 +284,8 @@ def test_torchvision_configs_carry_torchvision_conventions(in_root, name):
 
 def test_class_counts_match_the_predictors(in_root):
   # torchvision: cls_score has num_classes=91 (mask) / 2 (keypoint) outputs including background; Detectron2: K + 1.
-  assert _load("torchvision_maskrcnn_r50_fpn").model.num_classes + 1 == 91
-  assert _load("torchvision_keypointrcnn_r50_fpn").model.num_classes + 1 == 2
+  assert _load("mask_rcnn_R50_FPN_torchvision").model.num_classes + 1 == 91
+  assert _load("keypoint_rcnn_R50_FPN_torchvision").model.num_classes + 1 == 2
   assert _load("keypoint_rcnn_R50_FPN_1x").model.num_classes == 1
   for name in ("mask_rcnn_R50_FPN_3x", "mask_rcnn_R101_FPN_3x"):
     assert _load(name).model.num_classes == 80

@@ -70,7 +70,7 @@ def test_converts_torchvision(weights, fmt, tmp_path, capsys):
   assert config["model"]["num_classes"] == 90 and config["model"]["mask_head"]["enabled"]
   meta = checkpoint.load_metadata_json(out)
   assert meta["source"] == "torchvision" and meta["file"] == str(src.resolve())
-  assert meta["config"].endswith("torchvision_maskrcnn_r50_fpn.py")
+  assert meta["config"].endswith("mask_rcnn_R50_FPN_torchvision.py")
 
 
 def _leaves(tree):
@@ -89,7 +89,7 @@ def test_overwrite_flag(weights, tmp_path, capsys):
   assert (out / "keep.txt").read_text() == "previous"
   # Also the `path.py:arg` form of --config (runlocal changes the schedule and canvas, not the variables).
   assert script.main(["--from", "torchvision", str(npz), "--out", str(out), "--overwrite",
-                      "--config", "configs/torchvision_maskrcnn_r50_fpn.py:runlocal"]) == 0
+                      "--config", "configs/mask_rcnn_R50_FPN_torchvision.py:runlocal"]) == 0
   assert not (out / "keep.txt").exists()
   assert checkpoint.load_variables(out)["params"]["box_head"]["fc1"]["kernel"].shape == (256 * 7 * 7, 1024)
 
@@ -118,7 +118,7 @@ def test_unknown_source(tmp_path, capsys):
 
 @pytest.mark.parametrize("config, key", [
     # A keypoint model's heads: the mask head is unexpected, the keypoint head missing.
-    ("configs/torchvision_keypointrcnn_r50_fpn.py", "keypoint_head"),
+    ("configs/keypoint_rcnn_R50_FPN_torchvision.py", "keypoint_head"),
     # Detectron2's 80 classes against torchvision's 90: the first box-predictor array whose shape differs is named.
     ("configs/mask_rcnn_R50_FPN_1x.py", "['params']['box_head']"),
 ])

@@ -30,6 +30,7 @@ from mrcnn_jax.modeling import mask_rcnn
 from mrcnn_jax.train_state import TrainState
 
 import tiny_model
+from conftest import command_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "mask_rcnn_R50_FPN_1x.py"
@@ -564,7 +565,7 @@ def test_command_line_without_config_takes_the_checkpoints(tiny, tmp_path):
   # A fresh interpreter outside the checkout: the source tree's mrcnn_jax has no kernels/ subpackage.
   done = subprocess.run(
       [sys.executable, "-m", "mrcnn_jax.evaluate", f"--checkpoint={ckpt}"],
-      cwd=tmp_path, capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+      cwd=tmp_path, capture_output=True, text=True, env=command_env(),
       timeout=300, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "Evaluation results for bbox:" in done.stdout and "Per-category segm AP:" in done.stdout
@@ -578,7 +579,7 @@ def test_command_line_names_a_misspelt_override(tmp_path):
   done = subprocess.run(
       [sys.executable, "-m", "mrcnn_jax.evaluate", f"--config={BASE_CONFIG}", f"--checkpoint={tmp_path}",
        "--config.model.roi_heads.detections_per_imag=5"],
-      cwd=tmp_path, capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+      cwd=tmp_path, capture_output=True, text=True, env=command_env(),
       timeout=300, check=False)
   assert done.returncode != 0 and "detections_per_imag" in done.stderr
 

@@ -16,12 +16,13 @@ from mrcnn_jax.modeling import mask_rcnn
 from mrcnn_jax.predictor import Predictor
 
 import tiny_model
+from conftest import command_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CANVAS, BATCH = 64, 2
 OUTPUT_KEYS = ("boxes", "scores", "classes", "valid", "masks")
 BASE_CONFIG = ROOT / "configs" / "mask_rcnn_R50_FPN_1x.py"
-ENV = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+ENV = command_env()
 
 
 # The tiny model as overrides of the base config: ResNet-18 at a quarter width on a 64 x 64 canvas, small enough to

@@ -10,6 +10,7 @@ import time
 
 import own_data
 import tiny_model
+from conftest import command_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "mask_rcnn_R50_FPN_1x.py"
@@ -18,7 +19,7 @@ LEAK = "leaked shared_memory"
 
 def _run(*args, tmp_path):
   return subprocess.run([sys.executable, "-m", "mrcnn_jax.main", *args], cwd=tmp_path, capture_output=True,
-                        text=True, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}, timeout=300)
+                        text=True, env=command_env(), timeout=300)
 
 
 def test_misspelt_override_fails(tmp_path):
@@ -60,7 +61,7 @@ def test_sigterm_saves_stops_without_evaluating_and_exits_143(tmp_path):
   with open(tmp_path / "stderr.txt", "w") as stderr:  # a file: a pipe left unread could fill and block the run
     process = subprocess.Popen([sys.executable, "-m", "mrcnn_jax.main", f"--config={BASE_CONFIG}",
                                 f"--workdir={workdir}", *tiny_model.flags(values)], cwd=tmp_path, stderr=stderr,
-                               stdout=subprocess.DEVNULL, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+                               stdout=subprocess.DEVNULL, env=command_env())
     try:
       deadline = time.monotonic() + 600
       while not ((workdir / "metrics.jsonl").exists() and (workdir / "metrics.jsonl").read_text().strip()):

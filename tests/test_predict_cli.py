@@ -25,6 +25,7 @@ from mrcnn_jax.modeling import mask_rcnn
 from mrcnn_jax.predictor import Predictor
 
 import tiny_model
+from conftest import command_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "mask_rcnn_R50_FPN_1x.py"
@@ -47,7 +48,7 @@ def _run(args, cwd, config=True, overrides=OVERRIDES):
   flags = [f"--config={BASE_CONFIG}", *tiny_model.flags(overrides)] if config else []
   return subprocess.run(
       [sys.executable, "-m", "mrcnn_jax.predict", *flags, *args],
-      cwd=cwd, capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}, timeout=300,
+      cwd=cwd, capture_output=True, text=True, env=command_env(), timeout=300,
       check=False)
 
 

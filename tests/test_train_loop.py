@@ -64,7 +64,7 @@ def test_keypoint_configs_skip_training_images_with_too_few_visible_keypoints(tm
              "annotations": [person(1, 1, 9), person(2, 2, 10), person(3, 3, 0), person(4, 3, 4)],
              "categories": [{"id": 1, "name": "person", "keypoints": names}]}
   (tmp_path / "kp.json").write_text(json.dumps(dataset))
-  for name, kept in (("torchvision_keypointrcnn_r50_fpn", [2]), ("keypoint_rcnn_R50_FPN_1x", [1, 2, 3])):
+  for name, kept in (("keypoint_rcnn_R50_FPN_torchvision", [2]), ("keypoint_rcnn_R50_FPN_1x", [1, 2, 3])):
     config = load_config(name)
     config.dataset.train_json, config.dataset.train_image_dir = str(tmp_path / "kp.json"), str(tmp_path)
     source = train.load_train_source(config)

@@ -1,7 +1,7 @@
 """torchvision's maskrcnn_resnet50_fpn / keypointrcnn_resnet50_fpn state dicts -> mrcnn_jax variables.
 
-The result fits the model of configs/torchvision_maskrcnn_r50_fpn.py (or, for a keypoint state dict,
-configs/torchvision_keypointrcnn_r50_fpn.py): torchvision's class space (91 ids incl. background, background first),
+The result fits the model of configs/mask_rcnn_R50_FPN_torchvision.py (or, for a keypoint state dict,
+configs/keypoint_rcnn_R50_FPN_torchvision.py): torchvision's class space (91 ids incl. background, background first),
 stride in the 3x3 conv, FrozenBN. torchvision's class axes already have mrcnn_jax's layout (background first, box
 deltas for every class, background included), so its predictors are copied as they are. Every key of the state dict
 is consumed, or the conversion fails naming it.

@@ -169,7 +169,7 @@ class TrainBatchTransform(grain.MapTransform):
   """
 
   def __init__(self, source, input_cfg, plan: BatchPlan, canvas_list, canvas_index, seed: int, shard_index: int,
-               shard_count: int, keypoint_offset: float = 0.0):
+               shard_count: int, keypoint_offset: float = 0.0, label_map=None):
     self._source = source
     self._records = source.records
     self._input_cfg = input_cfg
@@ -179,6 +179,7 @@ class TrainBatchTransform(grain.MapTransform):
     self._seed = int(seed)
     self._shard_index, self._shard_count = int(shard_index), int(shard_count)
     self._keypoint_offset = float(keypoint_offset)
+    self._label_map = None if label_map is None else np.asarray(label_map, np.int32)
 
   def _example(self, index: int, epoch: int, canvas: int) -> dict:
     skipped = []
@@ -198,6 +199,8 @@ class TrainBatchTransform(grain.MapTransform):
     rng = np.random.default_rng([self._seed, index, epoch])
     example = train_example(record, image, self._input_cfg, rng, self._canvases[canvas],
                             keypoint_offset=self._keypoint_offset)
+    if self._label_map is not None:
+      example["gt_classes"] = self._label_map[example["gt_classes"]]
     example["num_skipped"] = np.asarray(len(skipped), np.int32)
     return example
 
@@ -237,7 +240,7 @@ def _default_grain_profiling_flag() -> None:
 
 def make_train_loader(source, input_cfg, *, global_batch_size: int, seed: int, num_workers: int = 2,
                       shard_options: grain.ShardOptions | None = None, worker_buffer_size: int = 2,
-                      keypoint_offset: float = 0.0) -> grain.DataLoader:
+                      keypoint_offset: float = 0.0, label_map=None) -> grain.DataLoader:
   """The training input: an infinite, shuffled, canvas-grouped, process-sharded grain DataLoader of fixed-shape
   batches.
 
@@ -253,6 +256,9 @@ def make_train_loader(source, input_cfg, *, global_batch_size: int, seed: int, n
     process. Shard s takes slots [s * B_local, (s + 1) * B_local) of every global batch.
   worker_buffer_size: batches each worker prepares ahead.
   keypoint_offset: added to the labeled keypoints' x and y (`examples.keypoint_coordinate_offset` of the config).
+  label_map: when given, (num_classes + 1,) ints: the class the model trains on for each contiguous label (index 0,
+    the empty slots, maps to 0). A model in COCO's category-id label space (model.label_space "coco_ids",
+    torchvision's 91 slots) trains on `category_map.label_to_category_id`.
 
   Returns the loader. `it = iter(loader)` yields dicts of numpy arrays, each field of `examples.train_example`
   stacked to (B_local, ...), all images of a batch on one canvas, plus num_skipped (B_local,) int32;
@@ -276,7 +282,7 @@ def make_train_loader(source, input_cfg, *, global_batch_size: int, seed: int, n
   if num_workers:
     _default_grain_profiling_flag()
   transform = TrainBatchTransform(source, input_cfg, plan, canvas_list, canvas_index, int(seed),
-                                  shard_options.shard_index, shard_count, keypoint_offset)
+                                  shard_options.shard_index, shard_count, keypoint_offset, label_map)
   return grain.DataLoader(
       data_source=_BatchIndices(source.records, canvas_index, global_batch_size, int(seed)),
       sampler=_Sequential(),

@@ -11,7 +11,7 @@ It runs on the first device only (one chip) and measures:
                forward + backward, at R50-FPN scale: 1,000 and 8,000 RoIs, 7x7 and 14x14 outputs, on the 4 FPN
                levels of an 800x1344 canvas (P2..P5, `multilevel_roi_align`) and on one 1x200x336x256 map.
   infer        R50-FPN Mask R-CNN inference (the jitted `build_infer`) with the shipped
-               configs/torchvision_maskrcnn_r50_fpn.py on a 640x480 image, which goes to 800x1066 on the 800x1088
+               configs/mask_rcnn_R50_FPN_torchvision.py on a 640x480 image, which goes to 800x1066 on the 800x1088
                canvas: images/s at batch 1 and 8, float32 and bfloat16 (`model.compute_dtype`; float32 runs with
                XLA's default precision, TF32 on NVIDIA GPUs). Random weights, score threshold 0, so that every image
                gives the full 100 detections (the work of a trained model's busiest images).
@@ -68,7 +68,7 @@ SHARES = {"roi_align": 0.25, "infer": 0.40, "train": 0.35}
 TRAIN_TARGET = 60.0  # images/s per H100-class GPU: R50-FPN Mask R-CNN, batch 8, bfloat16
 # Both paths accumulate the same float32 products in the same order; what is left is FMA contraction and rounding.
 PALLAS_TOLERANCE = 1e-5
-CONFIG = "configs/torchvision_maskrcnn_r50_fpn.py"
+CONFIG = "configs/mask_rcnn_R50_FPN_torchvision.py"
 # Each item's expected seconds (compile included) for the skip decision; a part's previous item raises it.
 ESTIMATE_S = {False: {"roi_align": 10, "infer": 60, "train": 120}, True: {"roi_align": 2, "infer": 8, "train": 25}}
 # Scale of each mode: RoIAlign canvas, channels, RoI counts and box sides; the image of the model parts (H, W).

@@ -26,8 +26,8 @@ from bench.common import REPO, SCRIPT, Row, peak_rss_gb, time_jax, time_torch
 
 # The shipped torchvision configs, unchanged (loaded by path, as the entry points load them), against torchvision's
 # models at their defaults (min_size 800, max_size 1333).
-MODEL_CONFIGS = {"mask": REPO / "configs" / "torchvision_maskrcnn_r50_fpn.py",
-                 "keypoint": REPO / "configs" / "torchvision_keypointrcnn_r50_fpn.py"}
+MODEL_CONFIGS = {"mask": REPO / "configs" / "mask_rcnn_R50_FPN_torchvision.py",
+                 "keypoint": REPO / "configs" / "keypoint_rcnn_R50_FPN_torchvision.py"}
 # Image sizes (H, W): COCO's most common 640x480, and a full-size 800x1333.
 MODEL_IMAGES = {"640x480": (480, 640), "1333x800": (800, 1333)}
 STAGES = ("backbone+FPN", "RPN head + proposals", "box head + detect", "mask head")

@@ -86,7 +86,7 @@ def _train_worker_jax(batch: int, repeats: int, dtype: str = "float32") -> dict:
   from mrcnn_jax.modeling import mask_rcnn
   from mrcnn_jax.ops import masks as mask_ops
 
-  config = config_files.load_config(str(REPO / "configs" / "torchvision_maskrcnn_r50_fpn.py"))
+  config = config_files.load_config(str(REPO / "configs" / "mask_rcnn_R50_FPN_torchvision.py"))
   config.input.canvases = (TRAIN_HW,)
   config.model.compute_dtype = dtype
   config.train.warmup_iters = 0

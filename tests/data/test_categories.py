@@ -22,11 +22,11 @@ def _config(name="mask_rcnn_R50_FPN_1x"):
 def test_class_names_from_the_config_field():
   names = class_names_for_config(_config())
   assert len(names) == 81 and names[:3] == ["background", "person", "bicycle"] and names[80] == "toothbrush"
-  torchvision = class_names_for_config(_config("torchvision_maskrcnn_r50_fpn"))  # labels are COCO category ids
+  torchvision = class_names_for_config(_config("mask_rcnn_R50_FPN_torchvision"))  # labels are COCO category ids
   assert len(torchvision) == 91 and torchvision[1] == "person" and torchvision[90] == "toothbrush"
   assert [i for i, n in enumerate(torchvision) if n == "N/A"] == [12, 26, 29, 30, 45, 66, 68, 69, 71, 83]
   assert class_names_for_config(_config("keypoint_rcnn_R50_FPN_1x")) == ["background", "person"]
-  assert class_names_for_config(_config("torchvision_keypointrcnn_r50_fpn")) == ["background", "person"]
+  assert class_names_for_config(_config("keypoint_rcnn_R50_FPN_torchvision")) == ["background", "person"]
   assert class_names_for_config(_config("shapes")) == ["background", "circle", "square", "triangle"]
 
 
@@ -62,7 +62,7 @@ def test_a_dataset_with_another_number_of_categories_is_named():
     categories.check_dataset_matches_model(config, three, "train.json")
   config.model.num_classes = 3
   categories.check_dataset_matches_model(config, three, "train.json")
-  tv = _config("torchvision_maskrcnn_r50_fpn")  # label == category id: every id must be a label
+  tv = _config("mask_rcnn_R50_FPN_torchvision")  # label == category id: every id must be a label
   categories.check_dataset_matches_model(tv, three, "x")
   tv.model.num_classes = 8
   with pytest.raises(ValueError, match="category ids go up to 9"):

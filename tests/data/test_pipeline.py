@@ -172,7 +172,7 @@ def test_keypoints_scaled_flipped_and_swapped_by_the_flip_map():
 
 
 @pytest.mark.parametrize("config_name, offset", [("keypoint_rcnn_R50_FPN_1x", 0.5),
-                                                 ("torchvision_keypointrcnn_r50_fpn", 0.0)])
+                                                 ("keypoint_rcnn_R50_FPN_torchvision", 0.0)])
 def test_training_keypoints_carry_the_configs_coordinate_offset(config_name, offset):
   """The trainer's input (`train._training_input`, the loader it builds from the config) adds
   model.keypoint_head.coordinate_offset to the annotated x and y before resizing: Detectron2's load_coco_json
@@ -303,6 +303,32 @@ def test_loader_batches_have_fixed_shapes_and_epochs_cover_the_dataset():
   # Each epoch is a permutation of the dataset, and the next epoch is shuffled anew.
   assert sorted(ids[0]) == sorted(ids[1]) == list(range(100, 108))
   assert list(ids[0]) != list(ids[1])
+
+
+def test_a_label_map_gives_the_model_category_ids():
+  """model.label_space "coco_ids" (the torchvision configs): the loader hands the model each instance's category id,
+  through the source's CategoryMap, where a contiguous-label model gets the labels 1..K."""
+  from mrcnn_jax import train
+  from mrcnn_jax.data.records import CategoryMap
+
+  source = _make_source(8)  # instances labelled 1, 2, 3 in each image
+  source.category_map = CategoryMap.from_coco_categories([{"id": i, "name": n} for i, n in ((1, "a"), (3, "b"),
+                                                                                                 (7, "c"))])
+  config = ml_collections.ConfigDict({"model": {"label_space": "coco_ids"}})
+  label_map = train._training_label_map(config, source)  # pylint: disable=protected-access
+  assert label_map == (0, 1, 3, 7)
+  config.model.label_space = "contiguous"
+  assert train._training_label_map(config, source) is None  # pylint: disable=protected-access
+
+  plain = _take(iter(_loader(source)), 2)
+  mapped = _take(iter(pipeline.make_train_loader(source, _input_cfg(), global_batch_size=4, seed=0, num_workers=0,
+                                                 shard_options=pipeline.grain.ShardOptions(0, 1),
+                                                 label_map=label_map)), 2)
+  for a, b in zip(plain, mapped):
+    assert set(np.unique(a["gt_classes"][a["gt_valid"]])) <= {1, 2, 3}
+    np.testing.assert_array_equal(b["gt_classes"], np.asarray(label_map)[a["gt_classes"]])
+    assert (b["gt_classes"][~b["gt_valid"]] == 0).all() and {3, 7} & set(b["gt_classes"].ravel())
+    np.testing.assert_array_equal(a["gt_boxes"], b["gt_boxes"])
 
 
 def test_loader_is_deterministic_for_a_seed():

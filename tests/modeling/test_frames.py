@@ -44,7 +44,7 @@ def _on_canvas(images, canvas_hw):
   return jnp.asarray(out), jnp.asarray(np.array(info, np.float32))
 
 
-@pytest.fixture(scope="module", params=["mask_rcnn_R50_FPN_1x", "torchvision_maskrcnn_r50_fpn"])
+@pytest.fixture(scope="module", params=["mask_rcnn_R50_FPN_1x", "mask_rcnn_R50_FPN_torchvision"])
 def runs(request):
   from conftest import load_config
 
@@ -111,7 +111,7 @@ def loss_runs():
   """Training losses of one batch (a landscape and a portrait image with ground truth) on two canvases."""
   from conftest import load_config
 
-  config = _config(load_config, "torchvision_maskrcnn_r50_fpn")
+  config = _config(load_config, "mask_rcnn_R50_FPN_torchvision")
   config.model.backbone.depth = 18  # the training graph compiles in a third of R50's time; masking is the same code
   config.model.rpn.batch_size_per_image = 10**6  # keep every candidate: both runs then sample the same set
   config.model.roi_heads.batch_size_per_image = config.model.rpn.post_nms_topk_train + 8

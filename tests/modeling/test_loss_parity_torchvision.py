@@ -64,7 +64,7 @@ def test_losses_match_torchvision_train_mode(load_config):
     want = model(images, targets)
   want = {k: float(v) for k, v in want.items()}
 
-  config = load_config("torchvision_maskrcnn_r50_fpn")
+  config = load_config("mask_rcnn_R50_FPN_torchvision")
   canvas = image_list.tensors.shape[-2:]
   a = config.model.anchors
   num_anchors = sum(len(x) for x in anchor_ops.generate_anchors(
@@ -125,7 +125,7 @@ def test_keypoint_losses_match_torchvision_train_mode(load_config):
     image_list, _ = model.transform(images, [dict(t) for t in targets])
     want = {k: float(v) for k, v in model(images, targets).items()}
 
-  config = load_config("torchvision_keypointrcnn_r50_fpn")
+  config = load_config("keypoint_rcnn_R50_FPN_torchvision")
   canvas = image_list.tensors.shape[-2:]
   a = config.model.anchors
   config.model.rpn.batch_size_per_image = int(sum(len(x) for x in anchor_ops.generate_anchors(

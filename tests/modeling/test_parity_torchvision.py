@@ -174,7 +174,7 @@ def mask_rcnn_runs():
   model = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
   images = _images(0)
   _spread_weights(model, 1, list(images.values()))
-  return _Theirs(model, images), _Ours(load_config("torchvision_maskrcnn_r50_fpn"), _convert(model), images)
+  return _Theirs(model, images), _Ours(load_config("mask_rcnn_R50_FPN_torchvision"), _convert(model), images)
 
 
 def _match(ours_boxes, theirs_boxes):
@@ -259,7 +259,7 @@ def keypoint_rcnn_runs():
   _spread_weights(model, 2, list(images.values()))
   with torch.no_grad():  # one foreground class: lift it so that many boxes pass the 0.05 score threshold
     model.roi_heads.box_predictor.cls_score.bias.copy_(torch.tensor([0.0, 4.0]))
-  return _Theirs(model, images), _Ours(load_config("torchvision_keypointrcnn_r50_fpn"), _convert(model), images)
+  return _Theirs(model, images), _Ours(load_config("keypoint_rcnn_R50_FPN_torchvision"), _convert(model), images)
 
 
 @pytest.mark.parametrize("name", _params("keypoints", (*SIZES, "mixed")))

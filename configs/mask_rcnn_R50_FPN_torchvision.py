@@ -17,21 +17,21 @@ detections as torchvision itself:
 Evaluate torchvision's weights (maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth):
 
   python scripts/convert_weights.py --from torchvision maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --out /tmp/tv_maskrcnn
-  python -m mrcnn_jax.evaluate --config=configs/torchvision_maskrcnn_r50_fpn.py --checkpoint=/tmp/tv_maskrcnn \
+  python -m mrcnn_jax.evaluate --config=configs/mask_rcnn_R50_FPN_torchvision.py --checkpoint=/tmp/tv_maskrcnn \
       --config.dataset.val_json=COCO/annotations/instances_val2017.json --config.dataset.val_image_dir=COCO/val2017
 
 Expected on COCO val2017: box AP 37.9, mask AP 34.6 (torchvision's published figures for these weights).
 
 Train with torchvision's recipe (global batch 16; an ImageNet ResNet-50 backbone as init_from):
 
-  python -m mrcnn_jax.main --config=configs/torchvision_maskrcnn_r50_fpn.py --workdir=/tmp/tv_maskrcnn_train \
+  python -m mrcnn_jax.main --config=configs/mask_rcnn_R50_FPN_torchvision.py --workdir=/tmp/tv_maskrcnn_train \
       --config.init_from=BACKBONE_DIR \
       --config.dataset.train_json=COCO/annotations/instances_train2017.json \
       --config.dataset.train_image_dir=COCO/train2017 \
       --config.dataset.val_json=COCO/annotations/instances_val2017.json \
       --config.dataset.val_image_dir=COCO/val2017
 
-Quick local run: `--config=configs/torchvision_maskrcnn_r50_fpn.py:runlocal`.
+Quick local run: `--config=configs/mask_rcnn_R50_FPN_torchvision.py:runlocal`.
 """
 
 import ml_collections

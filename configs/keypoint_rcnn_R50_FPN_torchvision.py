@@ -1,6 +1,6 @@
 r"""Keypoint R-CNN, ResNet-50-FPN, torchvision conventions: the config of torchvision's keypointrcnn_resnet50_fpn.
 
-torchvision's Mask R-CNN config (torchvision_maskrcnn_r50_fpn.py, which lists its conventions) turned into
+torchvision's Mask R-CNN config (mask_rcnn_R50_FPN_torchvision.py, which lists its conventions) turned into
 torchvision's Keypoint R-CNN, so that its weights (KeypointRCNN_ResNet50_FPN_Weights.COCO_V1) converted to mrcnn_jax
 give the same detections as torchvision itself: torchvision's default num_classes=2 (background and person, label 1 ==
 COCO's person id), the keypoint head (17 COCO keypoints) in place of the mask head, training short sides 640..800
@@ -12,7 +12,7 @@ Evaluate torchvision's weights (keypointrcnn_resnet50_fpn_coco-fc266e95.pth):
 
   python scripts/convert_weights.py --from torchvision keypointrcnn_resnet50_fpn_coco-fc266e95.pth \
       --out /tmp/tv_keypointrcnn
-  python -m mrcnn_jax.evaluate --config=configs/torchvision_keypointrcnn_r50_fpn.py \
+  python -m mrcnn_jax.evaluate --config=configs/keypoint_rcnn_R50_FPN_torchvision.py \
       --checkpoint=/tmp/tv_keypointrcnn \
       --config.dataset.val_json=COCO/annotations/person_keypoints_val2017.json \
       --config.dataset.val_image_dir=COCO/val2017
@@ -21,14 +21,14 @@ Expected on COCO val2017 (person): box AP 54.6, keypoint AP 65.0 (torchvision's 
 
 Train with torchvision's recipe (global batch 16; an ImageNet ResNet-50 backbone as init_from):
 
-  python -m mrcnn_jax.main --config=configs/torchvision_keypointrcnn_r50_fpn.py --workdir=/tmp/tv_kprcnn_train \
+  python -m mrcnn_jax.main --config=configs/keypoint_rcnn_R50_FPN_torchvision.py --workdir=/tmp/tv_kprcnn_train \
       --config.init_from=BACKBONE_DIR \
       --config.dataset.train_json=COCO/annotations/person_keypoints_train2017.json \
       --config.dataset.train_image_dir=COCO/train2017 \
       --config.dataset.val_json=COCO/annotations/person_keypoints_val2017.json \
       --config.dataset.val_image_dir=COCO/val2017
 
-Quick local run: `--config=configs/torchvision_keypointrcnn_r50_fpn.py:runlocal`.
+Quick local run: `--config=configs/keypoint_rcnn_R50_FPN_torchvision.py:runlocal`.
 """
 
 import ml_collections
@@ -37,7 +37,7 @@ from mrcnn_jax import config_files
 
 
 base = config_files.load_sibling(__file__, "mask_rcnn_R50_FPN_1x")
-tv_mask = config_files.load_sibling(__file__, "torchvision_maskrcnn_r50_fpn")
+tv_mask = config_files.load_sibling(__file__, "mask_rcnn_R50_FPN_torchvision")
 
 # An estimate: of the 64,115 train2017 images that hold a person, the >= 10 visible keypoints filter keeps roughly
 # 56k; at batch 16 that is about 3,500 iterations per epoch.
