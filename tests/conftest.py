@@ -14,7 +14,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # tiny model's train step, run again to resume or to compare) compiles once per session. Every test still runs its
 # programs; a cold session compiles each of them once.
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
-XLA_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="mrcnn_jax_tests_xla_"))
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mrcnn_jax_tests_xla_")
+XLA_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 import jax  # noqa: E402
 
