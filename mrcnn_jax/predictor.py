@@ -22,7 +22,7 @@ import numpy as np
 from mrcnn_jax.data import transforms
 from mrcnn_jax.ops import masks as mask_ops
 
-# The model's output keys the Predictor reads (DESIGN.md, "Programs": infer).
+# The model's output keys the Predictor reads (docs/design.md, "Two programs, static shapes": infer).
 _REQUIRED_KEYS = ("boxes", "scores", "classes", "valid")
 
 # `paste_masks` jitted with the output size, threshold and mode static: jit's cache then holds one program per

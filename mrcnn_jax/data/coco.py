@@ -231,7 +231,7 @@ def decode_masks(record: ImageRecord) -> np.ndarray:
   """The record's instance masks as full-image bitmaps: (n, H, W) uint8 in {0, 1}; (0, H, W) when n == 0.
 
   Full-image bitmaps are for tests and visualization; the training input crops masks to their boxes instead
-  (DESIGN.md). Raises ValueError when the record has instances but no masks (a boxes-only source).
+  (docs/design.md). Raises ValueError when the record has instances but no masks (a boxes-only source).
   """
   n = record.num_instances
   if n == 0:

@@ -16,7 +16,7 @@ Training examples (`train_example`), all numpy, G = input_cfg.max_instances, M =
   gt_classes (G,) int32           contiguous labels 1..num_classes; 0 in unused slots
   gt_valid (G,) bool              which slots hold an instance
   gt_is_crowd (G,) bool           crowd instances (kept for matching to ignore, never as targets)
-  gt_masks (G, M, M) uint8        each instance's mask cropped to its own box, 0..255 coverage (DESIGN.md)
+  gt_masks (G, M, M) uint8        each instance's mask cropped to its own box, 0..255 coverage (docs/design.md)
   gt_keypoints (G, K, 3) float32  (x, y, visibility) in resized-image pixels, the annotation's x and y plus the
                                   keypoint offset before resizing; x = y = 0 where visibility is 0
   image_id () int64, num_dropped () int32 (instances beyond G left out)

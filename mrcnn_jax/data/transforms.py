@@ -27,8 +27,8 @@ from PIL import Image
 RESIZE_MODES = ("torchvision", "detectron2")
 PIXEL_FORMATS = ("RGB", "BGR")
 
-# Layout of `image_info` (DESIGN.md: "valid height/width, scale, original size"); the model and the Predictor index
-# it by these names.
+# Layout of `image_info` (docs/design.md, the image_info row: valid h, w, scale h, w, original h, w); the model and
+# the Predictor index it by these names.
 INFO_VALID_H, INFO_VALID_W, INFO_SCALE_H, INFO_SCALE_W, INFO_ORIG_H, INFO_ORIG_W = range(6)
 IMAGE_INFO_SIZE = 6
 

@@ -2,7 +2,7 @@
 
 Two representations of a mask meet here:
   * a small square grid attached to a box (the mask head's M x M output, or a GT mask stored as an M x M crop of
-    its own box, see DESIGN.md "Mask targets");
+    its own box, see docs/design.md "Mask targets");
   * a full-image bitmap (what COCO evaluation and visualization want).
 
 `crop_masks_to_boxes` goes from the second to the first (numpy, in the input pipeline); `paste_masks` goes from the
@@ -27,7 +27,7 @@ from jax import lax
 
 from mrcnn_jax.ops import roi_align as roi_align_ops
 
-# Side of the GT mask crops stored per instance (DESIGN.md: gt masks (B, G, M, M) uint8).
+# Side of the GT mask crops stored per instance (docs/design.md: gt masks (B, G, M, M) uint8).
 GT_MASK_SIZE = 112
 
 PASTE_MODES = ("detectron2", "torchvision")

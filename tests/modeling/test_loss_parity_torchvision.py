@@ -2,7 +2,7 @@
 
 Sampling keeps every candidate on both sides (batch sizes per image above the number of candidates), so the losses
 are deterministic and must agree: loss_rpn_cls / loss_rpn_loc / loss_cls / loss_box_reg to 1e-4. loss_mask reads
-its targets from 112x112 crops of each instance's box (DESIGN.md, "Mask targets") where torchvision pools the
+its targets from 112x112 crops of each instance's box (docs/design.md, "Mask targets") where torchvision pools the
 full-image masks, so it agrees to resampling error only; given torchvision's own targets it agrees to 1e-4.
 """
 
