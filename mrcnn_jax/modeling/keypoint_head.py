@@ -65,17 +65,51 @@ def upsample_bilinear_2x(x):
   return jnp.einsum("yh,bhwc,xw->byxc", wy, x, wx, precision=jax.lax.Precision.HIGHEST)
 
 
-def heatmaps_to_keypoints(heatmaps, boxes):
+def _window_bounds(maps, lo, hi, axis: int):
+  """Max and min of maps (n, k, S, S) over the index windows [lo, hi] (n, G) along `axis` (2: rows, 3: columns),
+  one window after another: -> two (n, k, G, S) arrays (the other spatial axis kept)."""
+  idx = jnp.arange(maps.shape[axis])
+
+  def one(window):
+    l, h = window  # (n,), (n,)
+    shape = (-1, 1, maps.shape[axis], 1) if axis == 2 else (-1, 1, 1, maps.shape[axis])
+    inside = ((idx >= l[:, None]) & (idx <= h[:, None])).reshape(shape)
+    return (jnp.max(jnp.where(inside, maps, -jnp.inf), axis=axis),
+            jnp.min(jnp.where(inside, maps, jnp.inf), axis=axis))
+
+  mx, mn = jax.lax.map(one, (lo.T, hi.T))  # (G, n, k, S)
+  return jnp.moveaxis(mx, 0, 2), jnp.moveaxis(mn, 0, 2)
+
+
+def _tile_upper_bounds(maps, rows_lo, rows_hi, cols_lo, cols_hi):
+  """An upper bound (n, k, GY, GX) of the resized map's values in each tile, from the source pixels its taps read.
+
+  Each resized value is sum_ab w_ab m_ab over a 4 x 4 window of the source map, with weights that sum to 1; torch's
+  cubic kernel (A = -0.75) puts at most 0.1875 of negative weight on one axis, so at most 2 * 1.1875 * 0.1875 =
+  0.4453125 on the product of two, and the value is at most max + 0.4453125 * (max - min) over the tile's source
+  window. The small relative slack covers float32 rounding in the interpolation's sums.
+  """
+  row_mx, row_mn = _window_bounds(maps, rows_lo, rows_hi, axis=2)  # (n, k, GY, S): max over each tile row's window
+  mx, _ = _window_bounds(row_mx, cols_lo, cols_hi, axis=3)  # (n, k, GY, GX)
+  _, mn = _window_bounds(row_mn, cols_lo, cols_hi, axis=3)
+  mx, mn = jnp.moveaxis(mx, 2, 3), jnp.moveaxis(mn, 2, 3)  # (n, k, GX, GY) -> (n, k, GY, GX)
+  return mx + 0.4453125 * (mx - mn) + 1e-5 * (jnp.abs(mx) + jnp.abs(mn))
+
+
+def heatmaps_to_keypoints(heatmaps, boxes, max_hw):
   """Keypoints from heatmaps, exactly as torchvision's / Detectron2's `heatmaps_to_keypoints`, with static shapes.
 
   Those resize each RoI's S x S heatmap (bicubic, align_corners=False) to the RoI's size in pixels,
-  ceil(w) x ceil(h), and take the first argmax: an array of dynamic shape. Here the resized maps of all RoIs are
-  evaluated in tiles of _TILE x _TILE pixels inside a `lax.while_loop` that runs as many steps as the largest RoI
-  needs, keeping a running maximum (ties go to the first pixel in row-major order, as torch's argmax). Memory is
-  one tile per RoI and keypoint; the work is that of the full resize of the largest RoI, for every RoI.
+  ceil(w) x ceil(h), and take the first argmax: an array of dynamic shape. Here each resized map is cut into tiles of
+  _TILE x _TILE pixels on a static grid that covers `max_hw`, and each tile gets an upper bound of its values from
+  the source pixels it reads (`_tile_upper_bounds`). A `lax.while_loop` evaluates, for every RoI and keypoint, its
+  tiles in decreasing order of bound, keeping a running maximum (ties go to the first pixel in row-major order, as
+  torch's argmax), and stops when no RoI's next tile can reach its maximum: the result is the full argmax's, and a
+  peaked heatmap needs a few tiles instead of all of them. Memory is one tile per RoI and keypoint.
 
   Args:
-    heatmaps: (B, D, S, S, K) logits; boxes: (B, D, 4) XYXY.
+    heatmaps: (B, D, S, S, K) logits; boxes: (B, D, 4) XYXY, inside a (H, W) = max_hw image (static ints; boxes
+      past it would have tiles off the grid).
   Returns:
     (B, D, K, 3): x, y in input pixels (the resized pixel's centre) and the resized heatmap's value there.
   """
@@ -89,36 +123,54 @@ def heatmaps_to_keypoints(heatmaps, boxes):
   out_h = jnp.ceil(heights)
   scale_y = s / out_h  # in / out, as torch computes it for an output size
   scale_x = s / out_w
-  tiles_x = jnp.ceil(out_w / _TILE).astype(jnp.int32)
-  tiles_y = jnp.ceil(out_h / _TILE).astype(jnp.int32)
-  max_tx = jnp.max(tiles_x)
-  num_steps = jnp.max(tiles_y) * max_tx
+  grid_y, grid_x = -(-int(max_hw[0]) // _TILE), -(-int(max_hw[1]) // _TILE)
+
+  def windows(out, scale, grid):
+    """Per RoI and tile index along one axis: the first and last source tap the tile's pixels read, (n, grid)."""
+    first = jnp.arange(grid, dtype=jnp.float32) * _TILE
+    last = jnp.minimum(first[None, :] + (_TILE - 1), out[:, None] - 1)
+    lo, _ = _cubic_sampling(jnp.broadcast_to(first, last.shape), scale[:, None], s)
+    hi, _ = _cubic_sampling(last, scale[:, None], s)
+    return lo[..., 0], hi[..., -1], first[None, :] < out[:, None]
+
+  rows_lo, rows_hi, rows_in = windows(out_h, scale_y, grid_y)
+  cols_lo, cols_hi, cols_in = windows(out_w, scale_x, grid_x)
+  bound = _tile_upper_bounds(maps, rows_lo, rows_hi, cols_lo, cols_hi)
+  bound = jnp.where((rows_in[:, :, None] & cols_in[:, None, :])[:, None], bound, -jnp.inf)
+  bound = bound.reshape(n, k, grid_y * grid_x)
+  order = jnp.argsort(-bound, axis=-1)
+  bound = jnp.take_along_axis(bound, order, axis=-1)
   offs = jnp.arange(_TILE, dtype=jnp.float32)
 
   def step(carry):
     i, best, best_y, best_x = carry
-    ty, tx = i // max_tx, i % max_tx
-    dst_y = (ty * _TILE).astype(jnp.float32) + offs  # (T,)
-    dst_x = (tx * _TILE).astype(jnp.float32) + offs
-    rows, wy = _cubic_sampling(dst_y[None, :], scale_y[:, None], s)  # (n, T, 4)
-    cols, wx = _cubic_sampling(dst_x[None, :], scale_x[:, None], s)
+    tile = order[:, :, i]  # (n, k): each RoI and keypoint's i-th most promising tile
+    dst_y = ((tile // grid_x) * _TILE).astype(jnp.float32)[..., None] + offs  # (n, k, T)
+    dst_x = ((tile % grid_x) * _TILE).astype(jnp.float32)[..., None] + offs
+    rows, wy = _cubic_sampling(dst_y, scale_y[:, None, None], s)  # (n, k, T, 4)
+    cols, wx = _cubic_sampling(dst_x, scale_x[:, None, None], s)
     # Along x first, then y: torch's order of the two 1-D interpolations.
-    gathered = jnp.take_along_axis(maps[:, :, :, None, :], cols[:, None, None, :, :], axis=-1)  # (n, k, S, T, 4)
-    along_x = jnp.sum(gathered * wx[:, None, None], axis=-1)  # (n, k, S, T)
-    picked = jnp.take_along_axis(along_x[:, :, None, :, :], rows[:, None, :, :, None], axis=3)  # (n, k, T, 4, T)
-    vals = jnp.sum(picked * wy[:, None, :, :, None], axis=3)  # (n, k, T(y), T(x))
-    inside = (dst_y[None, :] < out_h[:, None])[:, :, None] & (dst_x[None, :] < out_w[:, None])[:, None, :]
-    vals = jnp.where(inside[:, None], vals, -jnp.inf).reshape(n, k, _TILE * _TILE)
+    gathered = jnp.take_along_axis(maps, cols.reshape(n, k, 1, _TILE * 4), axis=-1).reshape(n, k, s, _TILE, 4)
+    along_x = jnp.sum(gathered * wx[:, :, None], axis=-1)  # (n, k, S, T)
+    picked = jnp.take_along_axis(along_x, rows.reshape(n, k, _TILE * 4, 1), axis=2).reshape(n, k, _TILE, 4, _TILE)
+    vals = jnp.sum(picked * wy[..., None], axis=3)  # (n, k, T(y), T(x))
+    inside = (dst_y < out_h[:, None, None])[..., :, None] & (dst_x < out_w[:, None, None])[..., None, :]
+    vals = jnp.where(inside, vals, -jnp.inf).reshape(n, k, _TILE * _TILE)
     j = jnp.argmax(vals, axis=-1)  # first maximum in the tile, row-major
     v = jnp.take_along_axis(vals, j[..., None], axis=-1)[..., 0]
-    y = dst_y[j // _TILE]
-    x = dst_x[j % _TILE]
+    y = jnp.take_along_axis(dst_y, (j // _TILE)[..., None], axis=-1)[..., 0]
+    x = jnp.take_along_axis(dst_x, (j % _TILE)[..., None], axis=-1)[..., 0]
     earlier = (y * out_w[:, None] + x) < (best_y * out_w[:, None] + best_x)
     better = (v > best) | ((v == best) & earlier)
     return (i + 1, jnp.where(better, v, best), jnp.where(better, y, best_y), jnp.where(better, x, best_x))
 
+  def more(carry):
+    i, best = carry[0], carry[1]
+    next_bound = jax.lax.dynamic_index_in_dim(bound, jnp.minimum(i, bound.shape[-1] - 1), axis=-1, keepdims=False)
+    return (i < bound.shape[-1]) & jnp.any(next_bound >= best)
+
   init = (jnp.int32(0), jnp.full((n, k), -jnp.inf), jnp.zeros((n, k)), jnp.zeros((n, k)))
-  _, score, y_int, x_int = jax.lax.while_loop(lambda c: c[0] < num_steps, step, init)
+  _, score, y_int, x_int = jax.lax.while_loop(more, step, init)
   x = (x_int + 0.5) * (widths / out_w)[:, None] + bx[:, 0, None]
   y = (y_int + 0.5) * (heights / out_h)[:, None] + bx[:, 1, None]
   return jnp.stack([x, y, score], axis=-1).reshape(b, d, k, 3)

@@ -147,7 +147,7 @@ class MaskRCNN(nn.Module):
       out["masks"] = select_class_masks(mask_logits, out["classes"])
     if cfg.keypoint_head.enabled:
       heatmaps = self.keypoint_head(self.pool(feats, out["boxes"], cfg.pooler.keypoint_resolution, frames))
-      out["keypoints"] = heatmaps_to_keypoints(heatmaps, out["boxes"])
+      out["keypoints"] = heatmaps_to_keypoints(heatmaps, out["boxes"], images.shape[1:3])
     return out
 
 

@@ -192,7 +192,9 @@ def _match(ours_boxes, theirs_boxes):
 def _assert_same_detections(got, want, *, masks=True, min_count=20):
   assert len(got["boxes"]) == len(want["boxes"]) >= min_count
   j, iou = _match(got["boxes"], want["boxes"])
-  assert np.all(iou > 0.9999) and len(set(j)) == len(j)
+  # The coordinates' tolerance is the test; the IoU only checks the match (a sliver clipped at the image's edge,
+  # 0.15 px wide, has IoU 0.9992 at a 1e-4 px difference).
+  assert np.all(iou > 0.99) and len(set(j)) == len(j)
   np.testing.assert_allclose(got["boxes"], want["boxes"][j], atol=2e-3)
   np.testing.assert_array_equal(got["labels"], want["labels"][j])
   np.testing.assert_allclose(got["scores"], want["scores"][j], atol=1e-4)
