@@ -17,7 +17,6 @@ the time: the file took 158 s on the 2-core development machine while other jobs
 CPU time).
 """
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -47,16 +46,7 @@ def _config(dtype):
 def _initial_state(config, seed=0):
   """A TrainState at step 0 drawn on the host: kernels N(0, 1 / fan_in) (flax's lecun_normal scale), biases 0, norms
   the identity, the optimizer's own init."""
-  variables = jax.eval_shape(lambda k: mask_rcnn.init_variables(config, k, (64, 64)), jax.random.key(0))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, spec):
-    name = str(getattr(path[-1], "key", path[-1]))
-    if name == "kernel":
-      return (rng.standard_normal(spec.shape, np.float32) / math.sqrt(math.prod(spec.shape[:-1]))).astype(spec.dtype)
-    return (np.ones if name in ("scale", "var") else np.zeros)(spec.shape, spec.dtype)
-
-  variables = jax.tree_util.tree_map_with_path(fill, variables)
+  variables = mask_rcnn.random_variables(config, seed)
   params = variables["params"]
   return train.TrainState(step=np.zeros((), np.int32), params=params, batch_stats=variables["batch_stats"],
                           opt_state=jax.device_get(train_state.make_optimizer(config).init(params)))

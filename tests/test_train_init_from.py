@@ -16,6 +16,8 @@ from mrcnn_jax import checkpoint, train, train_state
 from mrcnn_jax.data import coco, shapes
 from mrcnn_jax.modeling import mask_rcnn
 
+import tiny_model
+
 CANVAS = (64, 64)
 # The leaves whose shapes depend on the number of classes K, as (3-class model, 5-class source) shapes: K + 1 logits,
 # 4 (K + 1) box deltas (background included, mrcnn_jax's layout), K + 1 mask channels; fc_dim 32, mask conv_dim 16.
@@ -29,23 +31,12 @@ CLASS_DEPENDENT = {
 }
 
 
-def _config(load_config, num_classes):
-  config = load_config("mask_rcnn_R50_FPN_1x")  # FrozenBN, stem and res2 frozen
-  m = config.model
-  m.num_classes = num_classes
-  m.backbone.depth, m.backbone.width = 18, 16
-  m.fpn.channels = 32
-  m.rpn.batch_size_per_image = 32
-  m.rpn.pre_nms_topk_train, m.rpn.post_nms_topk_train = 50, 20
-  m.roi_heads.batch_size_per_image = 16
-  m.roi_heads.fc_dim = 32
-  m.mask_head.conv_dim = 16
-  inp = config.input
-  inp.canvases, inp.min_size_train, inp.max_size_train = (CANVAS,), (64,), 64
-  inp.max_instances, inp.gt_mask_size = 8, 16
-  t = config.train
-  t.batch_size, t.max_iter, t.log_every, t.checkpoint_every, t.num_workers = 8, 1, 1, 1, 0
-  return config
+def _config(num_classes):
+  """The tiny training setup (tests/tiny_model.py) with the base config's FrozenBN and frozen stem and res2, whose
+  statistics a fine-tuned model takes from its source; one step, checkpointed."""
+  frozen_bn = {k: v for k, v in tiny_model.TRAIN.items() if k not in ("model.backbone.norm", "model.backbone.freeze_at")}
+  return tiny_model.config({**frozen_bn, "model.num_classes": num_classes, "model.class_names": (),
+                            "train.max_iter": 1, "train.checkpoint_every": 1})
 
 
 def _flat(tree):
@@ -60,9 +51,9 @@ def _random_variables(config, seed):
   return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), abstract)
 
 
-def test_merge_loads_every_leaf_but_the_class_dependent_predictors(load_config):
-  init = _random_variables(_config(load_config, 3), seed=0)
-  source = _random_variables(_config(load_config, 5), seed=1)
+def test_merge_loads_every_leaf_but_the_class_dependent_predictors():
+  init = _random_variables(_config(3), seed=0)
+  source = _random_variables(_config(5), seed=1)
   merged, report = train_state.merge_pretrained(init, source)
 
   flat_init, flat_source, flat_merged = _flat(init), _flat(source), _flat(merged)
@@ -77,9 +68,9 @@ def test_merge_loads_every_leaf_but_the_class_dependent_predictors(load_config):
   assert report.missing == report.unused == ()
 
 
-def test_merge_reports_what_it_left_out(load_config, caplog):
-  init = _random_variables(_config(load_config, 3), seed=0)
-  source = _random_variables(_config(load_config, 5), seed=1)
+def test_merge_reports_what_it_left_out(caplog):
+  init = _random_variables(_config(3), seed=0)
+  source = _random_variables(_config(5), seed=1)
   del source["params"]["mask_head"]  # e.g. Faster R-CNN weights ...
   source["params"]["keypoint_head"] = {"conv1": {"kernel": np.ones((3, 3, 32, 16), np.float32),  # ... with extras
                                                  "bias": np.ones((16,), np.float32)}}
@@ -112,19 +103,19 @@ def test_collapse_paths_names_whole_subtrees_once():
   assert train_state.collapse_paths(universe, universe) == ["params/* (5)"]
 
 
-def test_train_starts_from_init_from_and_a_resumed_run_ignores_it(tmp_path, load_config, caplog):
+def test_train_starts_from_init_from_and_a_resumed_run_ignores_it(tmp_path, caplog):
   shapes.write_dataset(tmp_path / "data", 16, 0, seed=0, size_hw=CANVAS)
   source = coco.load_coco(str(tmp_path / "data" / "annotations" / "instances_train.json"),
                           str(tmp_path / "data" / "train"), train=True)
   # A "trained" 5-class model: initialized with another seed, its FrozenBN statistics moved off their init.
-  pretrained = mask_rcnn.init_variables(_config(load_config, 5), jax.random.key(1), CANVAS)
+  pretrained = mask_rcnn.init_variables(_config(5), jax.random.key(1), CANVAS)
   rng = np.random.default_rng(0)
   pretrained = {"params": pretrained["params"],
                 "batch_stats": jax.tree.map(lambda x: np.asarray(x) + rng.uniform(0.1, 0.2, x.shape).astype(np.float32),
                                             pretrained["batch_stats"])}
   checkpoint.save_variables(tmp_path / "pretrained", pretrained)
 
-  config = _config(load_config, 3)
+  config = _config(3)
   config.init_from = str(tmp_path / "pretrained")
   config.train.base_lr = 0.0  # the step runs, and leaves the params it started from for the test to see
   with caplog.at_level(logging.INFO, logger="mrcnn_jax.train_state"):

@@ -12,28 +12,14 @@ import pytest
 from mrcnn_jax import train, train_log
 from mrcnn_jax.data import coco, shapes
 
+import tiny_model
 
-def _config(load_config, data_dir):
-  config = load_config("mask_rcnn_R50_FPN_1x")
-  m = config.model
-  m.num_classes = 3
-  m.backbone.depth, m.backbone.width = 18, 16
-  m.backbone.norm, m.backbone.freeze_at = "BN", 0  # from scratch: FrozenBN would be an identity that lets it diverge
-  m.fpn.channels = 32
-  m.rpn.batch_size_per_image = 32
-  m.rpn.pre_nms_topk_train, m.rpn.post_nms_topk_train = 50, 20
-  m.roi_heads.batch_size_per_image = 16
-  m.roi_heads.fc_dim = 32
-  m.mask_head.conv_dim = 16
-  inp = config.input
-  inp.canvases, inp.min_size_train, inp.max_size_train = ((64, 64),), (64,), 64
-  inp.max_instances, inp.gt_mask_size = 8, 16
-  t = config.train
-  t.batch_size, t.max_iter, t.warmup_iters, t.base_lr = 8, 6, 2, 0.01
-  t.log_every, t.checkpoint_every, t.num_workers = 1, 3, 0
-  config.dataset.train_json = str(data_dir / "annotations" / "instances_train.json")
-  config.dataset.train_image_dir = str(data_dir / "train")
-  return config
+
+def _config(data_dir):
+  """The tiny training setup (tests/tiny_model.py), with a 2-step warmup so that the resumed schedule is checked."""
+  return tiny_model.config({**tiny_model.TRAIN, "train.warmup_iters": 2,
+                            "dataset.train_json": str(data_dir / "annotations" / "instances_train.json"),
+                            "dataset.train_image_dir": str(data_dir / "train")})
 
 
 def _losses(workdir):
@@ -63,9 +49,9 @@ def _assert_tensorboard_matches_jsonl(workdir):
     np.testing.assert_array_equal([v for _, v in scalars[tag]], np.float32([r[tag] for r in records]))
 
 
-def test_resume_gives_the_same_run(tmp_path, load_config):
+def test_resume_gives_the_same_run(tmp_path):
   shapes.write_dataset(tmp_path / "data", 24, 0, seed=0, size_hw=(64, 64))
-  config = _config(load_config, tmp_path / "data")
+  config = _config(tmp_path / "data")
   source = coco.load_coco(config.dataset.train_json, config.dataset.train_image_dir, train=True)
 
   straight = train.train(config, tmp_path / "a", source=source)
@@ -93,13 +79,13 @@ def test_resume_gives_the_same_run(tmp_path, load_config):
   assert len(set(losses)) == 6  # the steps differ (a test that compared one repeated batch would pass trivially)
 
 
-def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path, load_config):
+def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path):
   """Two good steps are checkpointed; then the input overflows (pixel_std ~ 0 makes the images inf): step 3's loss is
   not finite, the run stops naming it and checkpoint 2, which stays restorable and untouched."""
   from mrcnn_jax import train_checkpoint
 
   shapes.write_dataset(tmp_path / "data", 8, 0, seed=0, size_hw=(64, 64))
-  config = _config(load_config, tmp_path / "data")
+  config = _config(tmp_path / "data")
   config.train.checkpoint_every = 1
   source = coco.load_coco(config.dataset.train_json, config.dataset.train_image_dir, train=True)
   good = train.train(config, tmp_path / "w", source=source, stop_after=2)

@@ -299,3 +299,19 @@ def init_variables(config, key, canvas_hw=(128, 128)):
   images = jnp.zeros((1,) + tuple(canvas_hw) + (3,), jnp.float32)
   info = jnp.asarray(np.array([[canvas_hw[0], canvas_hw[1], 1, 1, canvas_hw[0], canvas_hw[1]]], np.float32))
   return jax.jit(functools.partial(model.init, method=MaskRCNN.infer))(key, images, info)
+
+
+def random_variables(config, seed: int = 0):
+  """Variables of the config's model drawn on the host with numpy at flax's initializer scales (kernels
+  N(0, 1 / fan_in), biases 0, norms the identity): random weights without an init program to compile (an R50's
+  compiles for tens of seconds), for benchmarks and tests. Not `init_variables`' values."""
+  shapes = jax.eval_shape(lambda k: init_variables(config, k, (64, 64)), jax.random.key(0))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, spec):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name == "kernel":
+      return (rng.standard_normal(spec.shape, np.float32) / math.sqrt(math.prod(spec.shape[:-1]))).astype(spec.dtype)
+    return (np.ones if name in ("scale", "var") else np.zeros)(spec.shape, spec.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)

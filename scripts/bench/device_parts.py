@@ -11,7 +11,6 @@ part's previous item took). JAX is imported inside the functions: the parent pro
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 import traceback
@@ -165,25 +164,6 @@ def _model_config(tiny: bool, dtype: str):
   return config
 
 
-def _random_variables(config, seed: int = 0):
-  """The model's variables drawn on the host at flax's initializer scales (kernels N(0, 1/fan_in), biases 0, norms
-  the identity): random weights with no init program to compile (an R50 init compiles for tens of seconds)."""
-  import jax
-
-  from mrcnn_jax.modeling import mask_rcnn
-
-  shapes = jax.eval_shape(lambda k: mask_rcnn.init_variables(config, k, (64, 64)), jax.random.key(0))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, spec):
-    name = str(getattr(path[-1], "key", path[-1]))
-    if name == "kernel":
-      return (rng.standard_normal(spec.shape, np.float32) / math.sqrt(math.prod(spec.shape[:-1]))).astype(spec.dtype)
-    return (np.ones if name in ("scale", "var") else np.zeros)(spec.shape, spec.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 def _model_name(tiny: bool) -> str:
   return "R18/4-FPN (tiny)" if tiny else "R50-FPN"
 
@@ -192,9 +172,12 @@ def _infer_setup(args) -> dict:
   """Random images of the part's image size, and one set of weights on the device (float32 in either dtype)."""
   import jax
 
+  from mrcnn_jax.modeling import mask_rcnn
+
   s = SCALES[args.tiny]
   images = np.random.default_rng(0).random((max(s["batches"]),) + s["image"] + (3,), np.float32)
-  return {"images": images, "variables": jax.device_put(_random_variables(_model_config(args.tiny, "float32")))}
+  variables = mask_rcnn.random_variables(_model_config(args.tiny, "float32"))
+  return {"images": images, "variables": jax.device_put(variables)}
 
 
 def _infer_item(item, ctx, args, emit) -> None:
@@ -258,7 +241,7 @@ def _train_item(item, ctx, args, emit) -> None:
   s, b = SCALES[args.tiny], item["batch"]
   config = _model_config(args.tiny, item["dtype"])
   mesh = mesh_lib.make_mesh(jax.devices()[:1])  # one chip: the figure is per device
-  variables = _random_variables(config)
+  variables = mask_rcnn.random_variables(config)
   params = variables["params"]
   state = train.TrainState(step=np.zeros((), np.int32), params=params, batch_stats=variables.get("batch_stats", {}),
                            opt_state=train_state.make_optimizer(config).init(params))

@@ -27,6 +27,8 @@ from mrcnn_jax.predictor import Predictor
 torch = pytest.importorskip("torch", reason="torch runs the transcribed Detectron2 oracle; install the `parity` extra")
 torchvision = pytest.importorskip("torchvision", reason="torchvision's network body and ops serve the oracle")
 
+from torch_weights import spread_weights  # noqa: E402  (tests/torch_weights.py)
+
 SIZES = {"640x480": (480, 640), "480x640": (640, 480)}
 PIXEL_MEAN_BGR = (103.53, 116.28, 123.675)
 
@@ -159,27 +161,6 @@ def _msra_strides(model):
     block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
 
 
-def _spread_weights(model, seed, image):
-  """As in test_parity_torchvision: random BatchNorm affine, statistics from one pass over a test image, a spread
-  classifier."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    norms = [m for m in model.backbone.body.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for mod in norms:
-      c = mod.weight.shape[0]
-      mod.weight.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
-      mod.bias.copy_(torch.randn(c, generator=g) * 0.2)
-      mod.momentum = 1.0
-      mod.train()
-    model.backbone.body(_preprocess(image)[0])
-    for mod in norms:
-      mod.eval()
-    model.rpn.head.bbox_pred.weight.mul_(0.1)
-    predictor = model.roi_heads.box_predictor
-    predictor.cls_score.weight.mul_(5.0)
-    predictor.cls_score.bias.copy_(torch.randn(predictor.cls_score.bias.shape, generator=g))
-
-
 @pytest.fixture(scope="module")
 def runs():
   from conftest import load_config
@@ -189,7 +170,7 @@ def runs():
                                                              num_classes=81).eval()
   _msra_strides(model)
   images = _images(3)
-  _spread_weights(model, 4, images["640x480"])
+  spread_weights(model, 4, _preprocess(images["640x480"])[0])
   theirs = {name: _detectron2_alone(model, image) for name, image in images.items()}
   config = load_config("mask_rcnn_R50_FPN_1x")
   variables = tv_convert.convert_state_dict({k: v.numpy() for k, v in model.state_dict().items()})

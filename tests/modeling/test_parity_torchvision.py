@@ -30,6 +30,8 @@ from mrcnn_jax.predictor import Predictor
 torch = pytest.importorskip("torch", reason="torchvision is the parity oracle; install the `parity` extra")
 torchvision = pytest.importorskip("torchvision", reason="torchvision is the parity oracle")
 
+from torch_weights import spread_weights  # noqa: E402  (tests/torch_weights.py)
+
 # Original (H, W) of the test images, by their COCO-style W x H name.
 SIZES = {"640x480": (480, 640), "480x640": (640, 480), "500x375": (375, 500), "1333x800": (800, 1333)}
 # The default run covers the 800x1088 and 1088x800 canvases (three sizes and the mixed batch); what needs a third
@@ -44,32 +46,10 @@ def _params(kind, names=tuple(SIZES)):
 
 
 
-def _spread_weights(model, seed, images):
-  """Random BatchNorm statistics and a classifier spread so that scores are neither tied nor saturated and the model
-  returns many detections over several classes.
-
-  Built without pretrained weights, torchvision's backbone uses nn.BatchNorm2d (in eval mode it computes what
-  FrozenBatchNorm2d does). Its affine parameters are drawn at random, and its statistics are set to those of the
-  test images layer by layer (one forward pass with momentum 1), so that activations keep a trained network's scale
-  through the 50 layers rather than vanishing or exploding.
-  """
-  g = torch.Generator().manual_seed(seed)
+def _preprocessed(model, image):
+  """torchvision's input tensor for one image (normalized, resized, padded)."""
   with torch.no_grad():
-    norms = [m for m in model.backbone.body.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for mod in norms:
-      c = mod.weight.shape[0]
-      mod.weight.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
-      mod.bias.copy_(torch.randn(c, generator=g) * 0.2)
-      mod.momentum = 1.0
-      mod.train()
-    image_list, _ = model.transform([torch.tensor(im).permute(2, 0, 1) for im in images[:1]])
-    model.backbone.body(image_list.tensors)
-    for mod in norms:
-      mod.eval()
-    model.rpn.head.bbox_pred.weight.mul_(0.1)
-    predictor = model.roi_heads.box_predictor
-    predictor.cls_score.weight.mul_(5.0)
-    predictor.cls_score.bias.copy_(torch.randn(predictor.cls_score.bias.shape, generator=g))
+    return model.transform([torch.tensor(image).permute(2, 0, 1)])[0].tensors
 
 
 def _images(seed):
@@ -179,7 +159,7 @@ def mask_rcnn_runs():
   torch.manual_seed(0)
   model = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
   images = _images(0)
-  _spread_weights(model, 1, list(images.values()))
+  spread_weights(model, 1, _preprocessed(model, images["640x480"]))
   return _Theirs(model, images), _Ours(load_config("mask_rcnn_R50_FPN_torchvision"), _convert(model), images)
 
 
@@ -264,7 +244,7 @@ def keypoint_rcnn_runs():
   torch.manual_seed(0)
   model = torchvision.models.detection.keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
   images = _images(1)
-  _spread_weights(model, 2, list(images.values()))
+  spread_weights(model, 2, _preprocessed(model, images["640x480"]))
   with torch.no_grad():  # one foreground class: lift it so that many boxes pass the 0.05 score threshold
     model.roi_heads.box_predictor.cls_score.bias.copy_(torch.tensor([0.0, 4.0]))
   return _Theirs(model, images), _Ours(load_config("keypoint_rcnn_R50_FPN_torchvision"), _convert(model), images)
