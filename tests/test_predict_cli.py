@@ -105,7 +105,11 @@ def test_overlays_and_json_match_the_predictor(tiny_checkpoint, tmp_path):
     assert [i["label"] for i in instances] == result["labels"].tolist()
     assert [i["name"] for i in instances] == [shapes.CLASSES[label - 1] for label in result["labels"]]
     np.testing.assert_allclose([i["score"] for i in instances], result["scores"], rtol=1e-5)
-    np.testing.assert_allclose(np.reshape([i["box"] for i in instances], (-1, 4)), result["boxes"], atol=1e-4)
+    # Relative, as for the scores: the command runs on 1 CPU device, this process on 8 (conftest), and XLA compiles
+    # the two programs with other fusions, so a box corner may differ in its 6th significant digit (CI saw 1.6e-4 px
+    # on a coordinate of 31.4).
+    np.testing.assert_allclose(np.reshape([i["box"] for i in instances], (-1, 4)), result["boxes"], rtol=1e-5,
+                               atol=1e-4)
     for instance, mask in zip(instances, result["masks"]):
       assert instance["segmentation"]["size"] == [h, w]
       np.testing.assert_array_equal(mask_util.decode(instance["segmentation"]).astype(bool), mask)
