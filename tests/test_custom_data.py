@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import command_env
 
 from mrcnn_jax import config_files, config_from_data
 from mrcnn_jax.data import nuclei
@@ -67,7 +68,8 @@ def test_the_custom_data_command_trains_evaluates_and_predicts_with_names(data, 
   paths = [f"--config.dataset.{k}={v}" for k, v in data.items()]
   short = ["--config.train.max_iter=4", "--config.train.log_every=2"]
   done = subprocess.run([sys.executable, "-m", "mrcnn_jax.main", f"--config={CONFIG}", f"--workdir={workdir}",
-                         *paths, *short], cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False)
+                         *paths, *short], cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False,
+                        env=command_env())
   assert done.returncode == 0, done.stderr[-3000:]
   out = done.stdout
   assert "from the data: model.num_classes=1" in out and "nucleus" in out
@@ -80,7 +82,7 @@ def test_the_custom_data_command_trains_evaluates_and_predicts_with_names(data, 
   out_dir = tmp_path / "pred"
   done = subprocess.run([sys.executable, "-m", "mrcnn_jax.predict", f"--checkpoint={workdir}",
                          f"--images={data['val_image_dir']}", f"--out={out_dir}", "--score_threshold=0"],
-                        cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+                        cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False, env=command_env())
   assert done.returncode == 0, done.stderr[-3000:]
   predictions = json.loads((out_dir / "predictions.json").read_text())
   assert predictions["class_names"][1:] == ["nucleus"]
