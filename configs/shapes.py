@@ -12,8 +12,10 @@ The model: ResNet-18 at half width with BatchNorm (trained from scratch, so no f
 RPN and heads shrunk to the task (3 classes, at most 8 instances per 128x128 image).
 `:runlocal` shrinks it to a smoke run of a few steps.
 
-Expected on the held-out shapes val split (100 images): bbox AP 75.6, segm AP 74.4 (measured: 1,000 steps of batch
-8, 0.49-0.55 s per step, the whole job 9.5-10.5 min including the install on a 2-core CPU; deterministic on CPU).
+Expected on the held-out shapes val split (100 images): bbox AP 76.9, segm AP 73.3 (measured 2026-12-07: 1,000
+steps of batch 8; on the 2-core CPU development machine 0.49-0.55 s per step and 10.5 min for the whole job
+including the install on 2026-11-24, 0.9 s per step and 18.5 min on the slower day of the AP figures;
+deterministic on a given machine and build).
 """
 
 import ml_collections
