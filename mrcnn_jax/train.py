@@ -130,7 +130,8 @@ def _close_loader_iterator(data_iter) -> None:
     log.warning("closing the training input pipeline failed", exc_info=True)
 
 
-def train(config, workdir, *, source=None, stop_after: int | None = None, evaluate_fn=None) -> TrainState:
+def train(config, workdir, *, source=None, stop_after: int | None = None, evaluate_fn=None,
+          devices=None) -> TrainState:
   """Train (or resume) in `workdir` until config.train.max_iter; returns the final state.
 
   Resumes from the newest checkpoint in `<workdir>/checkpoints`: parameters, optimizer state, step and the input
@@ -152,6 +153,10 @@ def train(config, workdir, *, source=None, stop_after: int | None = None, evalua
 
   `evaluate_fn(state, step) -> dict` (optional) runs every train.eval_every steps before the last one (the caller
   evaluates the final state); its metrics are logged beside the losses. Every process calls it.
+
+  `devices`: the devices the batch is sharded over (data parallel); default every device of every process. A
+  subset serves a single-process run (one GPU of several, one CPU device); a multi-process run needs devices of
+  every process, since each process feeds its own devices.
   """
   from mrcnn_jax import train_checkpoint, train_log
   from mrcnn_jax.data import pipeline
@@ -161,7 +166,10 @@ def train(config, workdir, *, source=None, stop_after: int | None = None, evalua
   workdir.mkdir(parents=True, exist_ok=True)
   tc = config.train
   # --- mesh and data ---------------------------------------------------------------------------------------------
-  mesh = make_mesh()
+  mesh = make_mesh(devices)
+  if tc.batch_size % mesh.size:
+    raise ValueError(f"train.batch_size={tc.batch_size} is not a multiple of the {mesh.size} devices it is sharded "
+                     f"over")
   if int(tc.get("max_consecutive_nonfinite") or 0) < 1:
     raise ValueError(f"train.max_consecutive_nonfinite must be >= 1, got {tc.get('max_consecutive_nonfinite')!r}")
   data_iter = _training_input(config, source)

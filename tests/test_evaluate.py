@@ -517,7 +517,7 @@ def tiny(tmp_path_factory):
   """(config, host variables, shapes dataset paths). The box regression is zeroed: random deltas squash boxes to
   zero height here, which leaves no detection; without them the detections are the (non-empty) proposals."""
   config = _tiny_config()
-  variables = jax.device_get(mask_rcnn.init_variables(config, jax.random.key(0), (TINY, TINY)))
+  variables = mask_rcnn.random_variables(config, 0)
   variables["params"]["box_head"]["bbox_pred"] = jax.tree.map(np.zeros_like,
                                                               variables["params"]["box_head"]["bbox_pred"])
   paths = shapes.write_dataset(tmp_path_factory.mktemp("shapes") / "set", num_train=0, num_val=NUM_VAL, seed=0,

@@ -44,7 +44,7 @@ def _inputs():
 class _Model:
   def __init__(self, tmp):
     self.config = _tiny_config()
-    self.variables = jax.device_get(mask_rcnn.init_variables(self.config, jax.random.key(0), (CANVAS, CANVAS)))
+    self.variables = mask_rcnn.random_variables(self.config, 0)
     self.images, self.info = _inputs()
     self.reference = jax.device_get(mask_rcnn.build_infer(self.config)(self.variables, self.images, self.info))
     self.path = export.export_inference(self.config, self.variables, tmp / "export", batch_size=BATCH)

@@ -13,6 +13,7 @@ With this seed: total loss 4.36 at step 1, 0.72 over the last 5 steps (ratio 0.1
 
 import json
 
+import jax
 import numpy as np
 
 from mrcnn_jax import evaluate, train
@@ -76,7 +77,8 @@ def test_overfits_eight_images(tmp_path, load_config):
   source = coco.load_coco(paths["train_annotations"], paths["train_images"], train=True)
   assert len(source.records) == NUM_IMAGES
 
-  state = train.train(config, tmp_path / "workdir", source=source)
+  # On one device, as a user's CPU run (the test's process has 8): the 8-device step is test_train_step's.
+  state = train.train(config, tmp_path / "workdir", source=source, devices=jax.devices()[:1])
 
   records = [json.loads(line) for line in (tmp_path / "workdir" / "metrics.jsonl").read_text().splitlines()]
   assert [r["iteration"] for r in records] == list(range(1, MAX_ITER + 1))

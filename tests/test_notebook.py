@@ -78,7 +78,7 @@ def test_committed_notebook_is_valid_and_has_no_outputs():
 
 def test_eval_notebook_runs_end_to_end(tmp_path, monkeypatch):
   config = _tiny_config()
-  variables = jax.device_get(mask_rcnn.init_variables(config, jax.random.key(0), (CANVAS, CANVAS)))
+  variables = mask_rcnn.random_variables(config, 0)
   ckpt = checkpoint.save_variables(tmp_path / "ckpt", variables, config=config)
   data = shapes.write_dataset(tmp_path / "shapes_data", num_train=0, num_val=4, seed=0)
 

@@ -19,6 +19,8 @@ from mrcnn_jax.modeling import mask_rcnn
 import tiny_model
 
 CANVAS = (64, 64)
+# The runs train on one device (the loading of init_from is the point; the 8-device step is test_train_step's).
+ONE_DEVICE = jax.devices()[:1]
 # The leaves whose shapes depend on the number of classes K, as (3-class model, 5-class source) shapes: K + 1 logits,
 # 4 (K + 1) box deltas (background included, mrcnn_jax's layout), K + 1 mask channels; fc_dim 32, mask conv_dim 16.
 CLASS_DEPENDENT = {
@@ -108,7 +110,7 @@ def test_train_starts_from_init_from_and_a_resumed_run_ignores_it(tmp_path, capl
   source = coco.load_coco(str(tmp_path / "data" / "annotations" / "instances_train.json"),
                           str(tmp_path / "data" / "train"), train=True)
   # A "trained" 5-class model: initialized with another seed, its FrozenBN statistics moved off their init.
-  pretrained = mask_rcnn.init_variables(_config(5), jax.random.key(1), CANVAS)
+  pretrained = mask_rcnn.random_variables(_config(5), 1)
   rng = np.random.default_rng(0)
   pretrained = {"params": pretrained["params"],
                 "batch_stats": jax.tree.map(lambda x: np.asarray(x) + rng.uniform(0.1, 0.2, x.shape).astype(np.float32),
@@ -119,7 +121,7 @@ def test_train_starts_from_init_from_and_a_resumed_run_ignores_it(tmp_path, capl
   config.init_from = str(tmp_path / "pretrained")
   config.train.base_lr = 0.0  # the step runs, and leaves the params it started from for the test to see
   with caplog.at_level(logging.INFO, logger="mrcnn_jax.train_state"):
-    state = train.train(config, tmp_path / "run", source=source)
+    state = train.train(config, tmp_path / "run", source=source, devices=ONE_DEVICE)
   assert int(state.step) == 1
   assert np.isfinite(json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["total_loss"])
   flat_state = _flat({"params": state.params, "batch_stats": state.batch_stats})
@@ -136,7 +138,7 @@ def test_train_starts_from_init_from_and_a_resumed_run_ignores_it(tmp_path, capl
   config.init_from = str(tmp_path / "nowhere")
   caplog.clear()
   with caplog.at_level(logging.INFO, logger="mrcnn_jax.train"):
-    resumed = train.train(config, tmp_path / "run", source=source)
+    resumed = train.train(config, tmp_path / "run", source=source, devices=ONE_DEVICE)
   assert f"init_from={tmp_path / 'nowhere'} ignored" in caplog.text
   assert int(resumed.step) == 1
   for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(state.params)):

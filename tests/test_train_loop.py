@@ -81,6 +81,13 @@ def test_a_model_with_another_number_of_classes_fails_before_training(own_set, t
   assert not (tmp_path / "w" / "checkpoints").exists()
 
 
+def test_a_batch_that_does_not_divide_over_the_devices_fails_before_training(own_set, tmp_path):
+  config = _config(own_set)  # batch 8
+  with pytest.raises(ValueError, match=r"^train.batch_size=8 is not a multiple of the 3 devices it is sharded over$"):
+    train.train(config, tmp_path / "w", devices=jax.devices()[:3])
+  assert not (tmp_path / "w" / "checkpoints").exists()
+
+
 def test_a_diverging_run_stops_after_the_skipped_steps_and_saves_nothing_non_finite(own_set, tmp_path):
   """An absurd learning rate: the first update is finite (its loss was) but throws the parameters to ~1e30, and every
   later loss is non-finite. skip_nonfinite skips those updates, 3 in a row at most, then the run stops naming the
@@ -89,7 +96,7 @@ def test_a_diverging_run_stops_after_the_skipped_steps_and_saves_nothing_non_fin
                                "train.max_consecutive_nonfinite": 3, "train.checkpoint_every": 1})
   with pytest.raises(FloatingPointError, match=r"^3 non-finite steps in a row, the last at step 4 \(train.skip_non"
                                                r"finite skips at most train.max_consecutive_nonfinite = 3\)"):
-    train.train(config, tmp_path / "w")
+    train.train(config, tmp_path / "w", devices=jax.devices()[:1])  # one device: the loop is the point
   lines = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
   assert [(x["iteration"], x["nonfinite_skipped"]) for x in lines] == [(1, 0), (2, 1), (3, 1), (4, 1)]
   assert np.isfinite(lines[0]["total_loss"]) and not np.isfinite(lines[-1]["total_loss"])
