@@ -164,7 +164,12 @@ def create_train_state(config, key, canvas_hw=(128, 128)) -> TrainState:
   it, so the default small canvas saves time. The arrays live on the default device: put them on the mesh with
   `jax.device_put(state, NamedSharding(mesh, P()))` before the first step.
   """
-  variables = mask_rcnn.init_variables(config, key, canvas_hw)
+  return state_from_variables(config, mask_rcnn.init_variables(config, key, canvas_hw))
+
+
+def state_from_variables(config, variables) -> TrainState:
+  """A TrainState at step 0 holding `variables` ({"params": ..., "batch_stats": ...}) and the optimizer's fresh
+  state."""
   params = variables["params"]
   opt_state = jax.jit(make_optimizer(config).init)(params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),

@@ -46,10 +46,7 @@ def _config(dtype):
 def _initial_state(config, seed=0):
   """A TrainState at step 0 drawn on the host: kernels N(0, 1 / fan_in) (flax's lecun_normal scale), biases 0, norms
   the identity, the optimizer's own init."""
-  variables = mask_rcnn.random_variables(config, seed)
-  params = variables["params"]
-  return train.TrainState(step=np.zeros((), np.int32), params=params, batch_stats=variables["batch_stats"],
-                          opt_state=jax.device_get(train_state.make_optimizer(config).init(params)))
+  return jax.device_get(train_state.state_from_variables(config, mask_rcnn.random_variables(config, seed)))
 
 
 def _batches(tmp, config, num=4):

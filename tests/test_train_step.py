@@ -236,12 +236,9 @@ class _Run:
   def __init__(self, config):
     self.config = config
     self.model = MaskRCNN(config.model, train=True)
-    # Host-drawn weights (no init program to compile) and the optimizer's own initial state, as create_train_state
-    # builds them.
+    # Host-drawn weights: no init program to compile.
     variables = mask_rcnn.random_variables(config, 0)
-    opt_state = train_state.make_optimizer(config).init(variables["params"])
-    self.initial = jax.device_get(train_state.TrainState(step=np.zeros((), np.int32), params=variables["params"],
-                                                         batch_stats=variables["batch_stats"], opt_state=opt_state))
+    self.initial = jax.device_get(train_state.state_from_variables(config, variables))
     self._steps = {}
 
   def step(self, num_devices, batch):

@@ -241,10 +241,7 @@ def _train_item(item, ctx, args, emit) -> None:
   s, b = SCALES[args.tiny], item["batch"]
   config = _model_config(args.tiny, item["dtype"])
   mesh = mesh_lib.make_mesh(jax.devices()[:1])  # one chip: the figure is per device
-  variables = mask_rcnn.random_variables(config)
-  params = variables["params"]
-  state = train.TrainState(step=np.zeros((), np.int32), params=params, batch_stats=variables.get("batch_stats", {}),
-                           opt_state=train_state.make_optimizer(config).init(params))
+  state = train_state.state_from_variables(config, mask_rcnn.random_variables(config))
   state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
   batch = pipeline.to_global_batch(_train_batch(config, b, s["image"], s["instances"], np.random.default_rng(0)), mesh)
   step = train.jit_train_step(config, mask_rcnn.build_model(config, train=True), mesh)
