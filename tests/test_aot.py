@@ -76,6 +76,12 @@ def test_hand_count_of_a_train_step(load_config):
   # The frozen stem and res2 run forward only: the backbone is less than three times its forward.
   assert infer["backbone"] < step["backbone"] < 3 * infer["backbone"]
   assert "keypoint_head" not in step
+  # The mask head on 128 foreground slots in training, 100 detections at test time; its 1x1 predictor to all 81
+  # classes in training, to each detection's own class at inference (256 channels at 28x28).
+  r, d, k1 = 14, 256, 81
+  tower = 4 * r * r * 9 * 256 * 256 + r * r * 256 * 4 * d
+  assert step["mask_head"] == pytest.approx(2 * 3 * 128 * (tower + (2 * r) ** 2 * d * k1))
+  assert infer["mask_head"] == pytest.approx(2 * 100 * (tower + (2 * r) ** 2 * d))
 
 
 def test_canvases_read_the_config(load_config):

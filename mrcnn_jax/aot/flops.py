@@ -46,7 +46,8 @@ def hand_flops(config, canvas_hw, *, train: bool) -> dict:
   - box head: fc1 (res^2 C -> fc_dim), fc2, the class and box predictors, on R RoIs: the sampled
     roi_heads.batch_size_per_image in training, rpn.post_nms_topk_test at inference;
   - mask head: num_convs 3x3 convs at mask_resolution, the 2x2 stride-2 deconvolution (4 taps), the 1x1 predictor
-    at twice the resolution, on the foreground RoIs: all batch_size_per_image x positive_fraction slots in training
+    at twice the resolution (to every class in training, to each detection's own class at inference), on the
+    foreground RoIs: all batch_size_per_image x positive_fraction slots in training
     (the largest branch of the foreground switch: the worst case, the one that has to fit), detections_per_image
     at inference; the keypoint head likewise (its 4x4 deconvolution is 16 taps; the 2x bilinear upsampling is
     left out: under 0.1% of the head).
@@ -159,7 +160,9 @@ def _count_roi_heads(c: _Counter, m, *, train: bool) -> None:
     r, d = int(pool.mask_resolution), int(m.mask_head.conv_dim)
     macs, ch = _conv_stack(r, int(m.mask_head.num_convs), f, d)
     macs += r * r * ch * 4 * d  # 2x2 stride-2 deconvolution as one matmul of 4 taps
-    macs += (2 * r) ** 2 * d * k1  # 1x1 predictor
+    # The 1x1 predictor: every class's map in training (the loss picks the ground truth's), each detection's own
+    # class's map at inference (`MaskHead` given the classes).
+    macs += (2 * r) ** 2 * d * (k1 if train else 1)
     c.add("mask_head", fg * macs, passes=3)
   if m.keypoint_head.enabled:
     r, d, kp = int(pool.keypoint_resolution), int(m.keypoint_head.conv_dim), int(m.keypoint_head.num_keypoints)

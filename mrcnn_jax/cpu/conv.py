@@ -9,6 +9,7 @@ a `pointwise` matmul on every backend. Why each, with measurements: the package 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -158,39 +159,67 @@ def _conv2d(x, kernel, stride: int, padding: int):
   stride-1 convolution is written as the forward convolution it is (flipped kernel), which XLA:CPU runs fast
   everywhere. Other backends, and strided input gradients, keep XLA's.
 
-  On CPU, large 3x3 stride-1 layers (see `_winograd_for`) run by Winograd's minimal filtering instead, forward,
-  input gradient and kernel gradient alike (`winograd`): XLA:CPU has no Winograd of its own, and the R50-FPN train
-  step (batch 2, two cores) went from 4.45 s to 3.38 s at 512x512 and from 14.8 s to 10.7 s at 800x1344.
+  On CPU, large 3x3 stride-1 layers run by Winograd's minimal filtering instead (`winograd`), the forward where
+  `FORWARD` says it pays and the input and kernel gradients where `BACKWARD` does (see `_winograd_for`): XLA:CPU has
+  no Winograd of its own, and the R50-FPN train step (batch 2, two cores) went from 4.45 s to 3.38 s at 512x512 and
+  from 14.8 s to 10.7 s at 800x1344. The forward alone pays on smaller and thinner layers than forward and backward
+  together (res5 and res2 of R50 at 800x1088), which is what inference runs.
   """
   return _conv_fast_on_cpu(x, kernel, stride, padding)
 
 
-def _winograd_for(x, kernel, stride: int, padding: int) -> winograd.Transform | None:
-  """The Winograd transform a convolution of x by kernel (arrays or shape-dtype structs) runs by on CPU, or None for
-  XLA's convolution: only float32 3x3 stride-1 layers with at least 128 channels in and out; F(2x2, 3x3) from 2048
-  output pixels, F(4x4, 3x3) from 8192 on maps of at least 32x32. (In bfloat16 the transforms would round at every
-  add.)
+@dataclasses.dataclass(frozen=True)
+class WinogradRule:
+  """Where Winograd runs on CPU, as thresholds on a float32 3x3 stride-1 layer: at least `min_channels` in and out,
+  F(2x2, 3x3) from `f2_pixels` output pixels (N * Ho * Wo); F(4x4, 3x3) from `f4_pixels` on maps of at least
+  `f4_min_side` on both sides and at least `f4_min_channels`. Smaller work keeps XLA's convolution, whose
+  transforms-free form is then faster."""
 
-  Forward and backward on two cores, against XLA's convolution: 2x200x336x256 (FPN's P2 at 800x1344) F4 0.43x the
-  time, F2 0.57x; 2x64x64x256 F4 0.45x, F2 0.57x; 2x32x32x256 F2 0.66x, F4 0.75x; the mask head (16x14x14x256)
-  F2 0.60x, F4 0.71x. Below 2048 pixels the transforms cost more than they save (2x16x16x512, res5: 1.6x), and so
-  they do at 64 channels (2x128x128x64, res2: 1.1x)."""
+  min_channels: int
+  f2_pixels: int
+  f4_pixels: int
+  f4_min_channels: int = 128
+  f4_min_side: int = 32
+
+
+# The forward convolution alone (inference, and a train step's forward), two cores, against XLA's convolution:
+# res5 at 800x1088 (1x25x34x512) F2 0.76x the time, 2x16x16x512 F2 0.64x, 1x16x16x512 F2 0.83x, and 1x13x17x512
+# even (so F2 from 512 pixels); res2 (64 channels, 1x200x272x64) F2 0.79x, 2x128x128x64 F2 0.82x (so from 64
+# channels); the mask head (200x14x14x256) F2 0.58x. F4 would be faster still on res2 (0.61x) and res4 at 800x1088
+# (1x50x68x256: 0.47x against F2's 0.55x), but it is ten times less accurate than F2, and with it on those layers
+# too a converted Keypoint R-CNN moved one keypoint of 3400 to another peak of a near-tied heatmap (6.6 px) against
+# torchvision (tests/modeling/test_parity_torchvision.py, 500x375): F4 stays where the gradients' rule has it.
+FORWARD = WinogradRule(min_channels=64, f2_pixels=512, f4_pixels=8192)
+# The gradients (the input gradient as a convolution, and the kernel gradient's matmuls over transformed tiles),
+# measured forward and backward together: below 2048 pixels the transforms cost more than they save (2x16x16x512,
+# res5: 1.6x) and so they do at 64 channels (2x128x128x64, res2: 1.1x); 2x200x336x256 (FPN's P2 at 800x1344) F4
+# 0.43x, F2 0.57x; 2x64x64x256 F4 0.45x, F2 0.57x; 2x32x32x256 F2 0.66x, F4 0.75x; the mask head (16x14x14x256) F2
+# 0.60x, F4 0.71x.
+BACKWARD = WinogradRule(min_channels=128, f2_pixels=2048, f4_pixels=8192)
+
+
+def _winograd_for(x, kernel, stride: int, padding: int, rule: WinogradRule = FORWARD) -> winograd.Transform | None:
+  """The Winograd transform a convolution of x by kernel (arrays or shape-dtype structs) runs by on CPU under `rule`
+  (`FORWARD` for the forward convolution, `BACKWARD` for the gradients), or None for XLA's convolution. Only
+  float32 3x3 stride-1 layers: in bfloat16 the transforms would round at every add. On small maps F(4x4, 3x3)
+  computes many outputs past the edge (16x16 for the mask head's 14x14) and is no faster than F(2x2, 3x3), which is
+  also more accurate and quicker to compile."""
   if x.dtype != jnp.float32 or kernel.dtype != jnp.float32 or stride != 1:
     return None
-  if tuple(kernel.shape[:2]) != (3, 3) or min(kernel.shape[2:]) < 128:
+  channels = min(kernel.shape[2:])
+  if tuple(kernel.shape[:2]) != (3, 3) or channels < rule.min_channels:
     return None
   n, h, w, _ = x.shape
   ho, wo = winograd.output_size(h, w, padding)
-  if n * ho * wo < 2048:
+  if n * ho * wo < rule.f2_pixels:
     return None
-  # On small maps F(4x4, 3x3) computes many outputs past the edge (16x16 for the mask head's 14x14) and is no faster
-  # than F(2x2, 3x3) (64 RoIs of 14x14x256: 151 ms against 149), which is also more accurate and quicker to compile.
-  return winograd.F4 if n * ho * wo >= 8192 and min(ho, wo) >= 32 else winograd.F2
+  f4 = n * ho * wo >= rule.f4_pixels and min(ho, wo) >= rule.f4_min_side and channels >= rule.f4_min_channels
+  return winograd.F4 if f4 else winograd.F2
 
 
-def _conv_cpu(x, kernel, stride: int, padding: int):
-  """`_conv` as it runs on CPU: by Winograd's minimal filtering where that applies (see `_winograd_for`)."""
-  t = _winograd_for(x, kernel, stride, padding)
+def _conv_cpu(x, kernel, stride: int, padding: int, rule: WinogradRule = FORWARD):
+  """`_conv` as it runs on CPU: by Winograd's minimal filtering where `rule` says it pays (see `_winograd_for`)."""
+  t = _winograd_for(x, kernel, stride, padding, rule)
   return _conv(x, kernel, stride, padding) if t is None else winograd.conv3x3(x, kernel, padding, t)
 
 
@@ -212,7 +241,7 @@ def _input_grad_as_conv(x, dy, kernel, padding: int):
   its in/out channels swapped, padded by k - 1 - padding. x is only for the platform switch's uniform signature."""
   del x
   kh = kernel.shape[0]
-  return _conv_cpu(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), 1, kh - 1 - padding)
+  return _conv_cpu(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), 1, kh - 1 - padding, BACKWARD)
 
 
 def _conv2d_bwd(stride, padding, residuals, dy):
@@ -232,7 +261,7 @@ def _conv2d_bwd(stride, padding, residuals, dy):
     _, kernel_vjp = jax.vjp(lambda k: _conv(x, k, stride, padding), kernel)
     return kernel_vjp(dy)[0]
 
-  t = _winograd_for(x, kernel, stride, padding)
+  t = _winograd_for(x, kernel, stride, padding, BACKWARD)
   if t is not None:
     by_winograd = functools.partial(winograd.kernel_grad, padding=padding, t=t)
     dk = lax.platform_dependent(x, dy, cpu=by_winograd, default=xla_kernel_grad)

@@ -28,7 +28,7 @@ from mrcnn_jax.modeling import losses as loss_fns
 from mrcnn_jax.modeling.box_head import BoxHead, detect
 from mrcnn_jax.modeling.fpn import FPN
 from mrcnn_jax.modeling.keypoint_head import KeypointHead, heatmaps_to_keypoints
-from mrcnn_jax.modeling.mask_head import MaskHead, select_class_masks
+from mrcnn_jax.modeling.mask_head import MaskHead
 from mrcnn_jax.modeling.resnet import ResNet
 from mrcnn_jax.modeling.rpn import RPNHead, generate_proposals
 from mrcnn_jax.ops import anchors as anchor_ops
@@ -143,8 +143,8 @@ class MaskRCNN(nn.Module):
                  min_box_size=rh.min_box_size_test, box_weights=tuple(rh.box_weights))
     out["proposals"], out["proposal_valid"] = boxes, valid
     if cfg.mask_head.enabled:
-      mask_logits = self.mask_head(self.pool(feats, out["boxes"], cfg.pooler.mask_resolution, frames))
-      out["masks"] = select_class_masks(mask_logits, out["classes"])
+      pooled = self.pool(feats, out["boxes"], cfg.pooler.mask_resolution, frames)
+      out["masks"] = nn.sigmoid(self.mask_head(pooled, out["classes"]))  # each detection's own class's map
     if cfg.keypoint_head.enabled:
       heatmaps = self.keypoint_head(self.pool(feats, out["boxes"], cfg.pooler.keypoint_resolution, frames))
       out["keypoints"] = heatmaps_to_keypoints(heatmaps, out["boxes"], images.shape[1:3])

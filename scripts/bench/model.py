@@ -141,7 +141,6 @@ def _worker_jax(data_dir: pathlib.Path, kind: str, batch: int, repeats: int, sta
   from mrcnn_jax.data import transforms
   from mrcnn_jax.modeling import mask_rcnn
   from mrcnn_jax.modeling.box_head import detect
-  from mrcnn_jax.modeling.mask_head import select_class_masks
 
   config = config_files.load_config(str(MODEL_CONFIGS[kind]))
   if kind == "keypoint":
@@ -182,7 +181,7 @@ def _worker_jax(data_dir: pathlib.Path, kind: str, batch: int, repeats: int, sta
 
     def mask_head(module, feats, boxes, classes, info):
       pooled = module.pool(feats, boxes, cfg.pooler.mask_resolution, module.frames(info))
-      return select_class_masks(module.mask_head(pooled), classes)
+      return jax.nn.sigmoid(module.mask_head(pooled, classes))
 
     # Each stage is timed (compile first) before it is called for the next stage's inputs: a call before
     # lower().compile() would leave the executable in JAX's cache and hide the compile time.

@@ -88,18 +88,22 @@ def test_pointwise_keeps_dtypes():
 
 
 @pytest.mark.parametrize("in_switch", [False, True])
-@pytest.mark.parametrize("hw,m", [((32, 33), 2), ((64, 65), 4)])
-def test_conv2d_runs_winograd_where_it_applies(hw, m, in_switch):
-  """3x3 stride-1 layers big enough for Winograd on CPU (128 -> 128 channels; 2x32x33 output pixels take F(2x2, 3x3),
-  2x64x65 F(4x4, 3x3)) compute it without any convolution op, with the values and gradients of the exact (float64)
-  convolution within the transform's tolerance. XLA's own float32 convolution is no closer than F(2x2, 3x3) (at
-  2x32x33 its kernel gradient is off by 1.8e-6 of the largest entry, F(2x2, 3x3)'s by 0.7e-6). A smaller layer
-  keeps XLA's convolution."""
-  rng = np.random.default_rng(m)
+@pytest.mark.parametrize("hw,forward_m,backward_m", [((16, 17), 2, None), ((32, 33), 2, 2), ((64, 65), 4, 4)])
+def test_conv2d_runs_winograd_where_it_applies(hw, forward_m, backward_m, in_switch):
+  """3x3 stride-1 layers big enough for Winograd on CPU (128 -> 128 channels) compute it, the forward by the
+  `FORWARD` rule and the gradients by the `BACKWARD` one (2x16x17 output pixels: F(2x2, 3x3) forward, XLA's
+  convolution backward; 2x32x33: F(2x2, 3x3) both; 2x64x65: F(4x4, 3x3) both), with the
+  values and gradients of the exact (float64) convolution within each transform's tolerance. XLA's own float32
+  convolution is no closer than F(2x2, 3x3) (at 2x32x33 its kernel gradient is off by 1.8e-6 of the largest entry,
+  F(2x2, 3x3)'s by 0.7e-6), so it is held to F(2x2, 3x3)'s tolerance. Where both rules pick Winograd, the compiled
+  program has no convolution op."""
+  rng = np.random.default_rng(sum(hw))
   x = rng.normal(size=(2, *hw, 128)).astype(np.float32)
   k = (0.05 * rng.normal(size=(3, 3, 128, 128))).astype(np.float32)
   cot = rng.normal(size=(2, *hw, 128)).astype(np.float32)
-  assert conv._winograd_for(x, k, 1, 1).m == m
+  assert conv._winograd_for(x, k, 1, 1, conv.FORWARD).m == forward_m
+  backward = conv._winograd_for(x, k, 1, 1, conv.BACKWARD)
+  assert (backward and backward.m) == backward_m
 
   def ours(x, k):
     return conv.conv2d(x, k, 1, 1)
@@ -113,29 +117,48 @@ def test_conv2d_runs_winograd_where_it_applies(hw, m, in_switch):
   with jax.default_matmul_precision("highest"):
     got = jax.jit(value_and_grads)(x, k, cot)
     compiled = jax.jit(value_and_grads).lower(x, k, cot).compile().as_text()
-    small = jax.jit(value_and_grads).lower(x[:, :16, :16], k, cot[:, :16, :16]).compile().as_text()
+  rtol = {"y": conv_float64.WINOGRAD_RTOL[forward_m], "dx": conv_float64.WINOGRAD_RTOL[backward_m or 2],
+          "dk": conv_float64.WINOGRAD_RTOL[backward_m or 2]}
   for name, ours_value, exact in zip(("y", "dx", "dk"), got, conv_float64.conv3x3(x, k, cot)):
-    atol = conv_float64.WINOGRAD_RTOL[m] * np.abs(exact).max()
-    np.testing.assert_allclose(ours_value, exact, atol=atol, rtol=0, err_msg=name)
+    np.testing.assert_allclose(ours_value, exact, atol=rtol[name] * np.abs(exact).max(), rtol=0, err_msg=name)
   if jax.default_backend() == "cpu":
-    assert " convolution(" not in compiled
-    assert " convolution(" in small  # 2 x 16 x 16 output pixels
+    assert (" convolution(" in compiled) == (backward_m is None)
 
 
-def test_winograd_choice_follows_the_measured_rule():
-  """F(4x4, 3x3) on large maps, F(2x2, 3x3) on mid-sized work and small maps (the mask head's 14x14), XLA's
-  convolution for small work, thin layers, strides, other kernel sizes and bfloat16."""
+def test_winograd_choice_follows_the_measured_rules():
+  """Forward (`FORWARD`, measured on the forward convolution alone): F(2x2, 3x3) from 512 output pixels and 64
+  channels, on small maps too (the mask head's 14x14); F(4x4, 3x3) only where the gradients have it. Gradients
+  (`BACKWARD`, measured forward and backward together): F(4x4, 3x3) from 8192 pixels on maps of at least 32x32,
+  F(2x2, 3x3) from 2048, from 128 channels. XLA's convolution for smaller work, thinner layers, strides, other
+  kernel sizes and bfloat16 under both."""
 
-  def choose(x_shape, kernel_shape, stride=1, padding=1, dtype=np.float32):
+  def choose(x_shape, kernel_shape, stride=1, padding=1, dtype=np.float32, rule=conv.FORWARD):
     return conv._winograd_for(jax.ShapeDtypeStruct(x_shape, dtype), jax.ShapeDtypeStruct(kernel_shape, dtype),
-                              stride, padding)
+                              stride, padding, rule)
 
-  assert choose((2, 200, 336, 256), (3, 3, 256, 256)) is winograd.F4  # FPN's P2 at 800x1344
-  assert choose((2, 64, 64, 128), (3, 3, 128, 128)) is winograd.F4  # 8192 pixels
-  assert choose((2, 32, 32, 256), (3, 3, 256, 256)) is winograd.F2  # 2048 pixels
-  assert choose((64, 14, 14, 256), (3, 3, 256, 256)) is winograd.F2  # many pixels, small maps
-  assert choose((2, 16, 16, 512), (3, 3, 512, 512)) is None  # 512 pixels
-  assert choose((2, 128, 128, 64), (3, 3, 64, 64)) is None  # 64 channels
-  assert choose((2, 128, 128, 256), (3, 3, 256, 256), stride=2) is None
-  assert choose((2, 128, 128, 256), (5, 5, 256, 256), padding=2) is None
-  assert choose((2, 128, 128, 256), (3, 3, 256, 256), dtype=jax.numpy.bfloat16) is None
+  forward = {
+      ((2, 200, 336, 256), (3, 3, 256, 256)): winograd.F4,  # FPN's P2 at 800x1344
+      ((2, 64, 64, 128), (3, 3, 128, 128)): winograd.F4,  # 8192 pixels
+      ((1, 50, 68, 256), (3, 3, 256, 256)): winograd.F2,  # res4 at 800x1088, 3400 pixels
+      ((1, 200, 272, 64), (3, 3, 64, 64)): winograd.F2,  # res2, 64 channels
+      ((2, 32, 32, 256), (3, 3, 256, 256)): winograd.F2,  # 2048 pixels
+      ((200, 14, 14, 256), (3, 3, 256, 256)): winograd.F2,  # the mask head
+      ((2, 16, 16, 512), (3, 3, 512, 512)): winograd.F2,  # 512 pixels
+      ((1, 25, 34, 512), (3, 3, 512, 512)): winograd.F2,  # res5 at 800x1088
+      ((1, 13, 17, 512), (3, 3, 512, 512)): None,  # 221 pixels
+      ((2, 128, 128, 32), (3, 3, 32, 32)): None,  # 32 channels
+  }
+  backward = {
+      ((2, 200, 336, 256), (3, 3, 256, 256)): winograd.F4,
+      ((2, 64, 64, 128), (3, 3, 128, 128)): winograd.F4,  # 8192 pixels
+      ((2, 32, 32, 256), (3, 3, 256, 256)): winograd.F2,  # 2048 pixels
+      ((64, 14, 14, 256), (3, 3, 256, 256)): winograd.F2,  # many pixels, small maps
+      ((2, 16, 16, 512), (3, 3, 512, 512)): None,  # 512 pixels
+      ((2, 128, 128, 64), (3, 3, 64, 64)): None,  # 64 channels
+  }
+  for rule, expected in ((conv.FORWARD, forward), (conv.BACKWARD, backward)):
+    for (x_shape, kernel_shape), t in expected.items():
+      assert choose(x_shape, kernel_shape, rule=rule) is t, (rule, x_shape, kernel_shape)
+    assert choose((2, 128, 128, 256), (3, 3, 256, 256), stride=2, rule=rule) is None
+    assert choose((2, 128, 128, 256), (5, 5, 256, 256), padding=2, rule=rule) is None
+    assert choose((2, 128, 128, 256), (3, 3, 256, 256), dtype=jax.numpy.bfloat16, rule=rule) is None
