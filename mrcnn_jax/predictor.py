@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from mrcnn_jax.cpu import compiler as cpu_compiler
 from mrcnn_jax.data import transforms
 from mrcnn_jax.ops import masks as mask_ops
 
@@ -60,8 +61,9 @@ class Predictor:
         boxes (B, D, 4) XYXY in canvas (resized-image) pixels, scores (B, D), classes (B, D) int labels 1..K,
         valid (B, D) bool, masks (B, D, M, M) mask probabilities of the predicted class (when the mask head is
         on), keypoints (B, D, 17, 3) (x, y, score) in canvas pixels (when the keypoint head is on).
-      Defaults to `mrcnn_jax.modeling.mask_rcnn.build_infer(config)`. It is jitted once here and compiles once per
-      canvas (the batch size never changes).
+      Defaults to `mrcnn_jax.modeling.mask_rcnn.build_infer(config)`. It is jitted once here, as the top-level
+      program `self.program`, with `cpu.compiler.inference_options()` (so it must not be a jitted function with
+      compiler options of its own), and compiles once per canvas (the batch size never changes).
     batch_size: images per `infer_fn` call; images are batched with others of the same canvas, and each canvas's
       last batch is padded with blank images whose results are dropped.
   """
@@ -92,7 +94,9 @@ class Predictor:
       # Imported here so that a Predictor over a custom infer_fn (tests, exported programs) needs no model code.
       from mrcnn_jax.modeling import mask_rcnn  # pylint: disable=import-outside-toplevel
       infer_fn = mask_rcnn.build_infer(config)
-    self._infer = jax.jit(infer_fn)
+    # `program`: infer_fn jitted as the top-level program, with the CPU's compiler options (`cpu.compiler`); every
+    # output of infer_fn, for callers that want more than `infer_batch` keeps (e.g. the proposals).
+    self.program = jax.jit(infer_fn, compiler_options=cpu_compiler.inference_options())
     # Once, rather than letting every jitted call copy host arrays to the device again.
     self.variables = jax.device_put(variables)
     self._paste_device = _host_device() if self.mask_on else None
@@ -139,7 +143,7 @@ class Predictor:
     those heads are on), each with leading dimension B, as jax arrays. Raises ValueError when infer_fn returns
     fewer keys.
     """
-    out = self._infer(self.variables, images, image_info)
+    out = self.program(self.variables, images, image_info)
     missing = [k for k in self._expected_keys() if k not in out]
     if missing:
       raise ValueError(f"infer_fn returned no {missing}; it returned {sorted(out)}")

@@ -9,6 +9,9 @@ The model's layers (`mrcnn_jax.modeling.layers`) each run one op of `mrcnn_jax.c
                   gradient
   conv_transpose  torch's ConvTranspose2d as one dot (`pointwise`) and a few pads, on every backend
 
+and the inference programs compile with `compiler.inference_options()`: XLA:CPU's own dots and convolutions instead of
+YNNPACK's, 10-13% faster for the whole Mask R-CNN program (see `compiler`).
+
 On GPU and TPU they are XLA's ops: the custom VJPs' other branches are XLA's convolution and its autodiff, and
 `pointwise` and `conv_transpose` are the dots they amount to. A GPU or TPU reader can skip this package.
 
@@ -30,8 +33,9 @@ The values are those of XLA's ops within float32 rounding (Winograd's F(4x4, 3x3
 output; see `winograd`), tested against float64, torch and JAX's autodiff (tests/cpu, tests/modeling/test_layers.py).
 
 The switch: MRCNN_JAX_CPU_KERNELS=0 in the environment makes every layer run XLA's own ops with JAX's autodiff
-(`lax.conv_general_dilated`, `jnp.einsum`, an input-dilated convolution for the transposed one), on CPU too; unset or
-1 (the default) uses this package. It is read by `kernels_enabled` whenever a layer is traced, so set it before the
+(`lax.conv_general_dilated`, `jnp.einsum`, an input-dilated convolution for the transposed one), on CPU too, and the
+inference programs compile with XLA's default options; unset or 1 (the default) uses this package. It is read by
+`kernels_enabled` whenever a layer is traced (and the options when a Predictor is made), so set it before the
 program is first traced: a jitted function already traced keeps what it was traced with. For measuring what this
 package buys, and for ruling it out when hunting a numerical difference.
 """

@@ -131,13 +131,15 @@ def _worker_torch(data_dir: pathlib.Path, kind: str, batch: int, repeats: int, s
 
 
 def _worker_jax(data_dir: pathlib.Path, kind: str, batch: int, repeats: int, stages: bool) -> dict:
-  """mrcnn_jax with the shipped config: the jitted `build_infer` on the batch as the Predictor prepares it (resized,
-  normalized and padded to the smallest canvas of the config that holds the images)."""
+  """mrcnn_jax with the shipped config: the jitted `build_infer` with the compiler options the Predictor compiles it
+  with (`cpu.compiler.inference_options`), on the batch as the Predictor prepares it (resized, normalized and
+  padded to the smallest canvas of the config that holds the images)."""
   import jax
   import jax.numpy as jnp
 
   from mrcnn_jax import config_files
   from mrcnn_jax.convert import torchvision as tv_convert
+  from mrcnn_jax.cpu import compiler as cpu_compiler
   from mrcnn_jax.data import transforms
   from mrcnn_jax.modeling import mask_rcnn
   from mrcnn_jax.modeling.box_head import detect
@@ -152,7 +154,8 @@ def _worker_jax(data_dir: pathlib.Path, kind: str, batch: int, repeats: int, sta
   images = jnp.asarray(np.stack([c for c, _ in prepared]))
   info = jnp.asarray(np.stack([i for _, i in prepared]))
 
-  infer = mask_rcnn.build_infer(config)
+  options = cpu_compiler.inference_options()
+  infer = mask_rcnn.build_infer(config, compiler_options=options)
   ms, compile_s = time_jax(infer, (variables, images, info), repeats)
   out = jax.device_get(infer(variables, images, info))
   result = {"ms": ms, "compile_s": compile_s, "peak_rss_gb": peak_rss_gb(),
@@ -188,7 +191,7 @@ def _worker_jax(data_dir: pathlib.Path, kind: str, batch: int, repeats: int, sta
     result["stages"] = {}
 
     def run(name, fn, *args):
-      jitted = jax.jit(lambda v, *a: model.apply(v, *a, method=fn))
+      jitted = jax.jit(lambda v, *a: model.apply(v, *a, method=fn), compiler_options=options)
       result["stages"][name] = list(time_jax(jitted, (variables,) + args, repeats))
       return jitted(variables, *args)
 

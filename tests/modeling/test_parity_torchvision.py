@@ -87,9 +87,8 @@ class _Ours:
 
   def __init__(self, config, variables, images):
     self.config, self.variables, self.images = config, variables, images
-    self.infer = mask_rcnn.build_infer(config)
     model = mask_rcnn.build_model(config)
-    self.predictor = Predictor(config, variables, infer_fn=self.infer, batch_size=2)
+    self.predictor = Predictor(config, variables, batch_size=2)
     self.run_features = jax.jit(lambda v, x, f: model.apply(v, x, f, method=mask_rcnn.MaskRCNN.features))
     self._alone, self._proposals, self._feats, self._mixed = {}, {}, {}, None
 
@@ -106,10 +105,10 @@ class _Ours:
     return self._alone[name]
 
   def proposals(self, name):
-    """The RPN's proposals of the image alone: the infer program, called directly (the Predictor's program)."""
+    """The RPN's proposals of the image alone: the Predictor's program, called directly."""
     if name not in self._proposals:
       batch, batch_info, _ = self._batch(name)
-      raw = jax.device_get(self.infer(self.variables, batch, batch_info))
+      raw = jax.device_get(self.predictor.program(self.predictor.variables, batch, batch_info))
       self._proposals[name] = raw["proposals"][0][raw["proposal_valid"][0]]
     return self._proposals[name]
 
