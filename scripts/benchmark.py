@@ -21,8 +21,10 @@ Groups (one module each in scripts/bench/):
          keypoints too), on the canvas each picks (noted per row). Timed on both sides: the model on the padded
          batch, without transform and postprocess (torchvision: backbone + rpn + roi_heads, keypoint decoding
          included; mrcnn_jax: the jitted `build_infer`, NHWC). Each side runs in its own subprocess, so that its peak
-         RSS (in the note) is its own. At batch 1 it also times Mask R-CNN's stages apart (each jitted alone on our
-         side): backbone+FPN, RPN head + proposals, box head + detection, mask head (RoIAlign 14x14 included).
+         RSS (in the note) is its own; after both are set up they take turns, one timed run each per round, the
+         first alternating, so that the machine's drift falls on both sides alike. At batch 1 it also times Mask
+         R-CNN's stages apart (each jitted alone on our side): backbone+FPN, RPN head + proposals, box head +
+         detection, mask head (RoIAlign 14x14 included).
          Default --repeats here is 5; --models, --images and --batches narrow the run.
   data   The training loader (grain, 2 workers): batches/s on COCO-like input (synthetic 640x480 images resized to
          800x1333 on the 1344x1344 canvas, batch 2) and on the shapes set (128x128, batch 8), and the per-image cost

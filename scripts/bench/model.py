@@ -6,7 +6,9 @@
 Each side on its own defaults (see benchmark.py's docstring for what is timed): torchvision's model with random
 weights spread so that it returns 100 detections per image, converted for mrcnn_jax's shipped torchvision configs.
 Each model, image size and batch runs each side in its own subprocess (`worker`), so that its peak RSS is its own;
-the torch worker never imports JAX (hence the imports inside `_worker_jax`).
+the torch worker never imports JAX (hence the imports inside `_worker_jax`). The two workers load, compile and warm
+up one after the other, then take turns (`_serve`): the parent asks each in turn for one timed run, alternating
+which goes first, so that the machine's drift over minutes falls on both sides alike rather than on one.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 
 import numpy as np
 
-from bench.common import REPO, SCRIPT, Row, peak_rss_gb, time_jax, time_torch
+from bench.common import REPO, SCRIPT, Row, peak_rss_gb, time_jax
 
 
 # The shipped torchvision configs, unchanged (loaded by path, as the entry points load them), against torchvision's
@@ -31,6 +33,35 @@ MODEL_CONFIGS = {"mask": REPO / "configs" / "mask_rcnn_R50_FPN_torchvision.py",
 # Image sizes (H, W): COCO's most common 640x480, and a full-size 800x1333.
 MODEL_IMAGES = {"640x480": (480, 640), "1333x800": (800, 1333)}
 STAGES = ("backbone+FPN", "RPN head + proposals", "box head + detect", "mask head")
+# The workers' protocol lines on stdout start with this (anything else a library prints there is skipped).
+PROTOCOL = "BENCH"
+# Seconds between one side's run and the other's: the threads of the side that just ran stop spinning first.
+SETTLE_S = 0.5
+
+
+def _serve(run_once) -> None:
+  """A worker's timed runs, on the parent's word: says `ready`, then times one `run_once()` for each `run` line on
+  stdin and says its ms, until `finish`."""
+  print(PROTOCOL, "ready", flush=True)
+  for line in sys.stdin:
+    command = line.strip()
+    if command == "finish":
+      return
+    if command != "run":
+      raise ValueError(f"benchmark worker: unknown command {command!r} (run or finish)")
+    start = time.perf_counter()
+    run_once()
+    print(PROTOCOL, "ms", 1e3 * (time.perf_counter() - start), flush=True)
+  raise RuntimeError("benchmark worker: stdin closed before finish")
+
+
+def _read_protocol(proc, what: str) -> list[str]:
+  """The next protocol line from a worker, split; other lines are passed to stderr."""
+  for line in proc.stdout:
+    if line.startswith(PROTOCOL + " "):
+      return line.split()[1:]
+    sys.stderr.write(line)
+  raise RuntimeError(f"benchmark worker exited (status {proc.wait()}) while the parent waited for {what}")
 
 
 
@@ -100,9 +131,10 @@ def _worker_torch(data_dir: pathlib.Path, kind: str, batch: int, repeats: int, s
     detections, _ = model.roi_heads(feats, proposals, sizes)
     return detections
 
-  ms = time_torch(forward, repeats)
+  forward()  # warm-up
+  _serve(forward)
   detections = forward()
-  result = {"ms": ms, "peak_rss_gb": peak_rss_gb(), "detections": [len(d["boxes"]) for d in detections],
+  result = {"peak_rss_gb": peak_rss_gb(), "detections": [len(d["boxes"]) for d in detections],
             "padded_hw": list(image_list.tensors.shape[2:])}
   np.savez(data_dir / "boxes_torch.npz", *[d["boxes"].numpy() for d in detections])
   if stages and kind == "mask":
@@ -156,9 +188,13 @@ def _worker_jax(data_dir: pathlib.Path, kind: str, batch: int, repeats: int, sta
 
   options = cpu_compiler.inference_options()
   infer = mask_rcnn.build_infer(config, compiler_options=options)
-  ms, compile_s = time_jax(infer, (variables, images, info), repeats)
-  out = jax.device_get(infer(variables, images, info))
-  result = {"ms": ms, "compile_s": compile_s, "peak_rss_gb": peak_rss_gb(),
+  start = time.perf_counter()
+  compiled = infer.lower(variables, images, info).compile()
+  compile_s = time.perf_counter() - start
+  jax.block_until_ready(compiled(variables, images, info))  # warm-up
+  _serve(lambda: jax.block_until_ready(compiled(variables, images, info)))
+  out = jax.device_get(compiled(variables, images, info))
+  result = {"compile_s": compile_s, "peak_rss_gb": peak_rss_gb(),
             "detections": [int(v.sum()) for v in out["valid"]], "canvas_hw": list(images.shape[1:3])}
   # Boxes in the resized image's pixels, as torchvision's roi_heads returns them.
   np.savez(data_dir / "boxes_jax.npz", *[b[v] for b, v in zip(out["boxes"], out["valid"])])
@@ -226,8 +262,39 @@ def worker(args) -> dict:
   return side(args.data, args.kind, args.batch, args.repeats, args.stages)
 
 
+def _run_interleaved(commands: dict[str, list[str]], repeats: int) -> dict:
+  """Both sides of one row, each worker a subprocess (`commands`: side -> command line, in set-up order): each set
+  up in turn, then `repeats` rounds of one timed run each, the first side alternating, then each worker's finish
+  (its result, and its stages at batch 1) in turn. {side: the worker's result, with runs_ms and their median ms}."""
+  procs, res = {}, {}
+  try:
+    for side, cmd in commands.items():
+      procs[side] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+      _read_protocol(procs[side], f"{side}'s set-up")
+    sides = list(procs)
+    runs = {side: [] for side in sides}
+    for r in range(repeats):
+      for side in (sides if r % 2 == 0 else sides[::-1]):
+        time.sleep(SETTLE_S)
+        procs[side].stdin.write("run\n")
+        procs[side].stdin.flush()
+        runs[side].append(float(_read_protocol(procs[side], f"{side}'s run")[1]))
+    for side in sides:
+      out, _ = procs[side].communicate("finish\n")
+      if procs[side].returncode:
+        raise RuntimeError(f"benchmark worker {side} failed with status {procs[side].returncode}")
+      res[side] = json.loads(out.strip().splitlines()[-1])
+      res[side].update(runs_ms=[round(t, 1) for t in runs[side]], ms=float(np.median(runs[side])))
+  finally:
+    for proc in procs.values():
+      if proc.poll() is None:
+        proc.kill()
+  return res
+
+
 def run(args) -> list[Row]:
-  """Each model, image size and batch: torchvision's side and ours in their own subprocesses (peak RSS)."""
+  """Each model, image size and batch: torchvision's side and ours in their own subprocesses (peak RSS), timed in
+  turns (`_run_interleaved`)."""
   rows = []
   for kind in args.models:
     for image_name in args.images:
@@ -236,19 +303,16 @@ def run(args) -> list[Row]:
         with tempfile.TemporaryDirectory(prefix="mrcnn_jax_benchmark_") as tmp:
           data_dir = pathlib.Path(tmp)
           _prepare_model_data(data_dir, kind, image_hw, batch)
-          res = {}
-          for side in ("torch", "jax"):
-            cmd = [sys.executable, str(SCRIPT), "model", "--only", side, "--data", tmp,
-                   "--kind", kind, "--batch", str(batch), "--repeats", str(args.repeats), "--host_malloc",
-                   args.host_malloc]
-            cmd += ["--stages"] if batch == 1 else []
-            start, load = time.perf_counter(), os.getloadavg()[0]
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, cwd=REPO)
-            res[side] = json.loads(proc.stdout.strip().splitlines()[-1])
-            # Other processes on the machine skew the figures: the load average says whether they were there.
-            print(f"{kind} {image_name} batch {batch}, {side}: {time.perf_counter() - start:.0f} s, 1-min load "
-                  f"average {load:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", file=sys.stderr,
-                  flush=True)
+          start, load = time.perf_counter(), os.getloadavg()[0]
+          commands = {side: [sys.executable, str(SCRIPT), "model", "--only", side, "--data", tmp, "--kind", kind,
+                              "--batch", str(batch), "--repeats", str(args.repeats), "--host_malloc",
+                              args.host_malloc] + (["--stages"] if batch == 1 else [])
+                       for side in ("torch", "jax")}
+          res = _run_interleaved(commands, args.repeats)
+          # Other processes on the machine skew the figures: the load average says whether they were there.
+          print(f"{kind} {image_name} batch {batch}: {time.perf_counter() - start:.0f} s, 1-min load average "
+                f"{load:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; runs ms torch "
+                f"{res['torch']['runs_ms']}, jax {res['jax']['runs_ms']}", file=sys.stderr, flush=True)
           hits, total = _matched(data_dir)
         j, t = res["jax"], res["torch"]
         canvas = "x".join(map(str, j["canvas_hw"]))
