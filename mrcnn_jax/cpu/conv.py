@@ -191,8 +191,9 @@ class WinogradRule:
 # torchvision (tests/modeling/test_parity_torchvision.py, 500x375): F4 stays where the gradients' rule has it.
 # These were measured with XLA:CPU's default YNNPACK matmuls (as a train step's forward runs). With XLA's own, which
 # the Predictor's inference uses (`compiler`), res2 at batch 2 (2x200x272x64) measured F2 99 ms against XLA's 77
-# (1x200x272x64: 42 against 41): the 64-channel threshold may not pay for inference. Not changed yet, since it also
-# sets the training forward's rounding (the main job's AP).
+# (1x200x272x64: 42 against 41): the 64-channel threshold may not pay for inference. In the whole batch-2 program
+# (both rules compiled in one process, 6 interleaved runs) 128 channels measured within the noise (9400 against
+# 8940 ms), so it stays: it also sets the training forward's rounding (the main job's AP).
 FORWARD = WinogradRule(min_channels=64, f2_pixels=512, f4_pixels=8192)
 # The gradients (the input gradient as a convolution, and the kernel gradient's matmuls over transformed tiles),
 # measured forward and backward together: below 2048 pixels the transforms cost more than they save (2x16x16x512,
