@@ -37,16 +37,23 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
   return 1e3 * statistics.median(times)
 
 
-def time_jax(jitted, args, repeats: int) -> tuple[float, float]:
-  """(median warm ms, compile s) of a jitted function; compile time is lower + compile, apart from any run."""
+def compile_warm(jitted, args) -> tuple[Callable[[], object], float]:
+  """(a call of the compiled program on args that blocks until done, compile s) of a jitted function, after one
+  warm-up run; compile time is lower + compile, apart from any run."""
   import jax  # here, not at the top: the torch workers import this module and stay free of JAX
 
   start = time.perf_counter()
   compiled = jitted.lower(*args).compile()
   compile_s = time.perf_counter() - start
-  jax.block_until_ready(compiled(*args))  # one warm-up run
-  ms = median_ms(lambda: jax.block_until_ready(compiled(*args)), repeats)
-  return ms, compile_s
+  run = lambda: jax.block_until_ready(compiled(*args))  # noqa: E731
+  run()  # one warm-up run
+  return run, compile_s
+
+
+def time_jax(jitted, args, repeats: int) -> tuple[float, float]:
+  """(median warm ms, compile s) of a jitted function (`compile_warm`)."""
+  run, compile_s = compile_warm(jitted, args)
+  return median_ms(run, repeats), compile_s
 
 
 def time_torch(fn: Callable[[], object], repeats: int) -> float:

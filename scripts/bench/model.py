@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from bench.common import REPO, SCRIPT, Row, peak_rss_gb, time_jax
+from bench.common import REPO, SCRIPT, Row, compile_warm, peak_rss_gb, time_jax
 
 
 # The shipped torchvision configs, unchanged (loaded by path, as the entry points load them), against torchvision's
@@ -188,12 +188,9 @@ def _worker_jax(data_dir: pathlib.Path, kind: str, batch: int, repeats: int, sta
 
   options = cpu_compiler.inference_options()
   infer = mask_rcnn.build_infer(config, compiler_options=options)
-  start = time.perf_counter()
-  compiled = infer.lower(variables, images, info).compile()
-  compile_s = time.perf_counter() - start
-  jax.block_until_ready(compiled(variables, images, info))  # warm-up
-  _serve(lambda: jax.block_until_ready(compiled(variables, images, info)))
-  out = jax.device_get(compiled(variables, images, info))
+  run, compile_s = compile_warm(infer, (variables, images, info))
+  _serve(run)
+  out = jax.device_get(run())
   result = {"compile_s": compile_s, "peak_rss_gb": peak_rss_gb(),
             "detections": [int(v.sum()) for v in out["valid"]], "canvas_hw": list(images.shape[1:3])}
   # Boxes in the resized image's pixels, as torchvision's roi_heads returns them.
